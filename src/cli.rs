@@ -1,0 +1,227 @@
+//! The command line: `serve`, `migrate`, and operator tasks that go through the same repository
+//! code (and the same row-level security) as the HTTP API.
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::db::{self, Db, api_keys, tenant as scope, tenants};
+use crate::domain::api_key::NewApiKey;
+use crate::domain::role::Role;
+use crate::domain::tenant::{Name, Slug, TenantId};
+use crate::startup::App;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cybernetic",
+    version,
+    about = "Multi-tenant platform service for organisations run on the Viable System Model."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API, health and metrics on LISTEN_ADDR until SIGTERM/SIGINT.
+    Serve,
+    /// Apply pending database migrations as the owner role (MIGRATION_DATABASE_URL), then exit.
+    Migrate,
+    /// Create and list tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Create, list and revoke a tenant's API keys.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(ApiKeyCommand),
+    /// Load and validate the configuration, print it with secrets redacted, and exit.
+    CheckConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant.
+    Create {
+        /// Display name, 1-200 characters.
+        #[arg(long)]
+        name: String,
+        /// URL-safe handle: lowercase letters, digits and inner hyphens, 1-63 characters.
+        #[arg(long)]
+        slug: String,
+    },
+    /// List all tenants, oldest first.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key for a tenant and print its secret (shown only this once).
+    Create {
+        /// The tenant's id or slug.
+        #[arg(long)]
+        tenant: String,
+        /// A name to tell the key apart, such as "ci" or "dashboard".
+        #[arg(long)]
+        name: String,
+        /// viewer (read), operator (read and record), admin (also keys and policies).
+        #[arg(long, default_value = "admin")]
+        role: String,
+    },
+    /// List a tenant's keys, newest first (secrets are never shown).
+    List {
+        /// The tenant's id or slug.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke a key; requests using it are refused from now on.
+    Revoke {
+        /// The tenant's id or slug.
+        #[arg(long)]
+        tenant: String,
+        /// The key's id.
+        #[arg(long)]
+        id: uuid::Uuid,
+    },
+}
+
+pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            let shutdown = crate::shutdown::on_signal()?;
+            App::build(config, shutdown).await?.run().await?;
+        }
+        Command::Migrate => {
+            db::migrate(config.migration_database_url()?).await?;
+            println!("migrations applied");
+        }
+        Command::CheckConfig => {
+            config.database_url()?;
+            println!("{config:#?}");
+            println!("configuration ok");
+        }
+        Command::Tenant(cmd) => tenant(cmd, &connect(&config)?).await?,
+        Command::ApiKey(cmd) => api_key(cmd, &connect(&config)?).await?,
+    }
+    Ok(())
+}
+
+fn connect(config: &Config) -> anyhow::Result<Db> {
+    Ok(Db::connect_lazy(
+        config.database_url()?,
+        &config.database,
+        config.http.request_timeout,
+    )?)
+}
+
+async fn tenant(cmd: TenantCommand, db: &Db) -> anyhow::Result<()> {
+    let mut tx = scope::begin_platform(db.primary()).await?;
+    match cmd {
+        TenantCommand::Create { name, slug } => {
+            let name = Name::parse("name", &name)?;
+            let slug = Slug::parse(&slug)?;
+            let t = tenants::create(&mut tx, TenantId::new(), &name, &slug).await?;
+            println!("created tenant {} ({}) id={}", t.name, t.slug, t.id);
+        }
+        TenantCommand::List => {
+            let mut after = None;
+            loop {
+                let rows = tenants::list(&mut tx, after.as_ref(), 500).await?;
+                for t in &rows {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        t.id,
+                        t.slug,
+                        t.created_at.to_rfc3339(),
+                        t.name
+                    );
+                }
+                match rows.last() {
+                    Some(last) => {
+                        after = Some(tenants::TenantCursor {
+                            created_at: last.created_at,
+                            id: last.id,
+                        })
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn find_tenant(db: &Db, id_or_slug: &str) -> anyhow::Result<TenantId> {
+    let mut tx = scope::begin_platform(db.primary()).await?;
+    let found = tenants::find(&mut tx, id_or_slug).await?;
+    tx.commit().await?;
+    let t = found.ok_or_else(|| anyhow::anyhow!("no tenant with id or slug '{id_or_slug}'"))?;
+    Ok(TenantId::from_uuid(t.id))
+}
+
+async fn api_key(cmd: ApiKeyCommand, db: &Db) -> anyhow::Result<()> {
+    match cmd {
+        ApiKeyCommand::Create { tenant, name, role } => {
+            let tenant = find_tenant(db, &tenant).await?;
+            let name = Name::parse("name", &name)?;
+            let role = Role::parse(&role)?;
+            let new = NewApiKey::generate()?;
+            let mut tx = scope::begin(db.primary(), tenant).await?;
+            let key =
+                api_keys::create(&mut tx, tenant, &name, role, &new.display_prefix, &new.hash)
+                    .await?;
+            tx.commit().await?;
+            println!(
+                "created {} key '{}' id={}",
+                key.role.as_str(),
+                key.name,
+                key.id
+            );
+            println!("{}", new.secret);
+            eprintln!("store this key now: it is not shown again");
+        }
+        ApiKeyCommand::List { tenant } => {
+            let tenant = find_tenant(db, &tenant).await?;
+            let mut tx = scope::begin(db.primary(), tenant).await?;
+            let mut after = None;
+            loop {
+                let rows = api_keys::list(&mut tx, after.as_ref(), 500).await?;
+                for k in &rows {
+                    let state = if k.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{}\t{}…\t{}\t{}\t{}",
+                        k.id,
+                        k.prefix,
+                        k.role.as_str(),
+                        state,
+                        k.name
+                    );
+                }
+                match rows.last() {
+                    Some(last) => {
+                        after = Some(api_keys::ApiKeyCursor {
+                            created_at: last.created_at,
+                            id: last.id,
+                        })
+                    }
+                    None => break,
+                }
+            }
+            tx.commit().await?;
+        }
+        ApiKeyCommand::Revoke { tenant, id } => {
+            let tenant = find_tenant(db, &tenant).await?;
+            let mut tx = scope::begin(db.primary(), tenant).await?;
+            let revoked = api_keys::revoke(&mut tx, id).await?;
+            tx.commit().await?;
+            match revoked {
+                Some(k) => println!("revoked key '{}' id={}", k.name, k.id),
+                None => anyhow::bail!("no key {id} for this tenant"),
+            }
+        }
+    }
+    Ok(())
+}

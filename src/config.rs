@@ -1,0 +1,355 @@
+//! Typed configuration from the environment. Every secret also accepts `NAME_FILE` (a path, for
+//! Docker secrets). A missing or malformed value stops start-up with one line naming it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+
+/// A value that must never reach a log line or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration error: {var}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            var,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// App role (`cybernetic_app`): what the server and operator commands log in as.
+    pub url: Option<Secret>,
+    /// Owner role (`cybernetic_owner`): used only by `migrate`.
+    pub migration_url: Option<Secret>,
+    /// Optional read replica for history and list reads.
+    pub replica_url: Option<Secret>,
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen_addr: SocketAddr,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub token: Option<Secret>,
+    /// Scrapes allowed per second on `/metrics`, across all callers.
+    pub rate_limit_per_second: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// How long readiness reports 503 before the listener stops accepting, so load balancers
+    /// take the instance out before connections are refused.
+    pub readiness_delay: Duration,
+    /// How long in-flight requests may take to finish after that.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub http: HttpConfig,
+    pub admin_token: Option<Secret>,
+    pub metrics: MetricsConfig,
+    pub shutdown: ShutdownConfig,
+    pub log_format: LogFormat,
+}
+
+const MIN_TOKEN_LEN: usize = 32;
+
+impl Config {
+    /// Reads the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::from_source(&|name| std::env::var(name).ok())
+    }
+
+    /// Reads from any lookup (the environment, or a map in tests).
+    pub fn from_source(env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let src = Source { env };
+        let database = DatabaseConfig {
+            url: src
+                .secret("DATABASE_URL")?
+                .map(|s| postgres_url("DATABASE_URL", s))
+                .transpose()?,
+            migration_url: src
+                .secret("MIGRATION_DATABASE_URL")?
+                .map(|s| postgres_url("MIGRATION_DATABASE_URL", s))
+                .transpose()?,
+            replica_url: src
+                .secret("DATABASE_REPLICA_URL")?
+                .map(|s| postgres_url("DATABASE_REPLICA_URL", s))
+                .transpose()?,
+            max_connections: src.number("DATABASE_MAX_CONNECTIONS", 20, 1..=10_000)?,
+            acquire_timeout: src.duration("DATABASE_ACQUIRE_TIMEOUT", Duration::from_secs(5))?,
+        };
+        let listen_addr = match src.plain("LISTEN_ADDR") {
+            None => SocketAddr::from(([0, 0, 0, 0], 8080)),
+            Some(raw) => raw.parse().map_err(|_| {
+                ConfigError::new(
+                    "LISTEN_ADDR",
+                    format!("'{raw}' is not an address like 0.0.0.0:8080"),
+                )
+            })?,
+        };
+        let http = HttpConfig {
+            listen_addr,
+            max_body_bytes: src.number("HTTP_MAX_BODY_BYTES", 1 << 20, 1..=(1 << 30))?,
+            request_timeout: src.duration("HTTP_REQUEST_TIMEOUT", Duration::from_secs(30))?,
+        };
+        let admin_token = src.token("ADMIN_TOKEN")?;
+        let metrics = MetricsConfig {
+            token: src.token("METRICS_TOKEN")?,
+            rate_limit_per_second: src.number("METRICS_RATE_LIMIT", 10, 1..=100_000)?,
+        };
+        let shutdown = ShutdownConfig {
+            readiness_delay: src.duration("SHUTDOWN_READINESS_DELAY", Duration::ZERO)?,
+            drain_timeout: src.duration("SHUTDOWN_TIMEOUT", Duration::from_secs(25))?,
+        };
+        let log_format = match src.plain("LOG_FORMAT").as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("'{other}' is not one of json, pretty"),
+                ));
+            }
+        };
+        Ok(Self {
+            database,
+            http,
+            admin_token,
+            metrics,
+            shutdown,
+            log_format,
+        })
+    }
+
+    /// The app-role URL, which every command but `migrate` needs.
+    pub fn database_url(&self) -> Result<&Secret, ConfigError> {
+        self.database
+            .url
+            .as_ref()
+            .ok_or_else(|| ConfigError::new("DATABASE_URL", "is not set (app role connection URL)"))
+    }
+
+    /// The owner-role URL, which `migrate` needs.
+    pub fn migration_database_url(&self) -> Result<&Secret, ConfigError> {
+        self.database.migration_url.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                "MIGRATION_DATABASE_URL",
+                "is not set (owner role connection URL)",
+            )
+        })
+    }
+}
+
+struct Source<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Source<'_> {
+    fn plain(&self, name: &str) -> Option<String> {
+        (self.env)(name).filter(|v| !v.is_empty())
+    }
+
+    /// `NAME`, or the contents of the file named by `NAME_FILE` (one trailing newline dropped).
+    fn secret(&self, name: &'static str) -> Result<Option<Secret>, ConfigError> {
+        let file_var = format!("{name}_FILE");
+        match (self.plain(name), self.plain(&file_var)) {
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                name,
+                format!("set either {name} or {file_var}, not both"),
+            )),
+            (Some(value), None) => Ok(Some(Secret(value))),
+            (None, Some(path)) => {
+                let contents = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError::new(name, format!("cannot read {file_var}={path}: {e}"))
+                })?;
+                let value = contents.strip_suffix('\n').unwrap_or(&contents);
+                let value = value.strip_suffix('\r').unwrap_or(value);
+                if value.is_empty() {
+                    return Err(ConfigError::new(
+                        name,
+                        format!("{file_var}={path} is empty"),
+                    ));
+                }
+                Ok(Some(Secret(value.to_owned())))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// A bearer token: long enough that guessing it is hopeless.
+    fn token(&self, name: &'static str) -> Result<Option<Secret>, ConfigError> {
+        let token = self.secret(name)?;
+        if let Some(t) = &token {
+            if t.0.len() < MIN_TOKEN_LEN {
+                return Err(ConfigError::new(
+                    name,
+                    format!("must be at least {MIN_TOKEN_LEN} characters"),
+                ));
+            }
+            if !t.0.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::new(
+                    name,
+                    "must be printable ASCII without spaces",
+                ));
+            }
+        }
+        Ok(token)
+    }
+
+    fn number<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        let Some(raw) = self.plain(name) else {
+            return Ok(default);
+        };
+        match raw.parse::<T>() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(ConfigError::new(
+                name,
+                format!(
+                    "'{raw}' is not a whole number from {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        }
+    }
+
+    fn duration(&self, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
+        let Some(raw) = self.plain(name) else {
+            return Ok(default);
+        };
+        humantime::parse_duration(&raw).map_err(|_| {
+            ConfigError::new(
+                name,
+                format!("'{raw}' is not a duration like 500ms, 30s or 2m"),
+            )
+        })
+    }
+}
+
+fn postgres_url(var: &'static str, url: Secret) -> Result<Secret, ConfigError> {
+    if !(url.0.starts_with("postgres://") || url.0.starts_with("postgresql://")) {
+        return Err(ConfigError::new(var, "must be a postgres:// URL"));
+    }
+    url.0
+        .parse::<PgConnectOptions>()
+        .map_err(|_| ConfigError::new(var, "is not a valid PostgreSQL connection URL"))?;
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_source(&move |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.http.listen_addr.port(), 8080);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.database_url().is_err());
+        assert_eq!(c.database.max_connections, 20);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
+            (&[("LISTEN_ADDR", "nope")], "LISTEN_ADDR"),
+            (&[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+            (&[("ADMIN_TOKEN", "short")], "ADMIN_TOKEN"),
+            (&[("HTTP_REQUEST_TIMEOUT", "soon")], "HTTP_REQUEST_TIMEOUT"),
+            (
+                &[("DATABASE_MAX_CONNECTIONS", "0")],
+                "DATABASE_MAX_CONNECTIONS",
+            ),
+            (&[("ADMIN_TOKEN_FILE", "/nonexistent/token")], "ADMIN_TOKEN"),
+        ];
+        for (vars, var) in cases {
+            let err = load(vars).unwrap_err();
+            assert_eq!(err.var, *var, "{err}");
+        }
+    }
+
+    #[test]
+    fn secret_from_file_and_redacted() {
+        let dir = std::env::temp_dir().join(format!("cyb-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        let token = "t".repeat(40);
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        let c = load(&[("ADMIN_TOKEN_FILE", path.to_str().unwrap())]).unwrap();
+        assert_eq!(c.admin_token.as_ref().unwrap().expose(), token);
+        assert!(!format!("{c:?}").contains(&token));
+        let both = load(&[
+            ("ADMIN_TOKEN", &token),
+            ("ADMIN_TOKEN_FILE", path.to_str().unwrap()),
+        ]);
+        assert_eq!(both.unwrap_err().var, "ADMIN_TOKEN");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn database_url_secret_not_in_debug() {
+        let c = load(&[("DATABASE_URL", "postgres://app:hunter2@db/cybernetic")]).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,124 @@
+//! Tenant API keys: creation, listing, revocation, and the pre-tenant authentication lookup.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::domain::ParseError;
+use crate::domain::role::Role;
+use crate::domain::tenant::{Name, TenantId};
+
+use super::DbResult;
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ApiKey {
+    pub id: Uuid,
+    pub name: String,
+    #[sqlx(try_from = "String")]
+    pub role: Role,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<String> for Role {
+    type Error = ParseError;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        Role::parse(&raw)
+    }
+}
+
+/// Keyset position in the key list (newest first).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+/// Who a valid, unrevoked key belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyOwner {
+    pub key_id: Uuid,
+    pub tenant_id: TenantId,
+    pub role: Role,
+}
+
+const COLUMNS: &str = "id, name, role, prefix, created_at, last_used_at, revoked_at";
+
+#[tracing::instrument(skip_all)]
+pub async fn create(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    name: &Name,
+    role: Role,
+    prefix: &str,
+    secret_hash: &[u8; 32],
+) -> DbResult<ApiKey> {
+    Ok(sqlx::query_as(
+        "insert into api_keys (id, tenant_id, name, role, prefix, secret_hash)
+         values ($1, $2, $3, $4, $5, $6)
+         returning id, name, role, prefix, created_at, last_used_at, revoked_at",
+    )
+    .bind(Uuid::now_v7())
+    .bind(tenant.as_uuid())
+    .bind(name.as_str())
+    .bind(role.as_str())
+    .bind(prefix)
+    .bind(secret_hash.as_slice())
+    .fetch_one(conn)
+    .await?)
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn list(
+    conn: &mut PgConnection,
+    after: Option<&ApiKeyCursor>,
+    fetch: i64,
+) -> DbResult<Vec<ApiKey>> {
+    let sql = format!(
+        "select {COLUMNS} from api_keys
+          where ($1::timestamptz is null or (created_at, id) < ($1, $2))
+          order by created_at desc, id desc
+          limit $3"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(after.map(|c| c.created_at))
+        .bind(after.map(|c| c.id))
+        .bind(fetch)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// Revokes a key; revoking a revoked key is a no-op. `None` when no such key is visible.
+#[tracing::instrument(skip_all)]
+pub async fn revoke(conn: &mut PgConnection, id: Uuid) -> DbResult<Option<ApiKey>> {
+    let sql = format!(
+        "update api_keys set revoked_at = coalesce(revoked_at, now())
+          where id = $1 returning {COLUMNS}"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Looks a key up by the hash of its secret, through the owner's narrow SECURITY DEFINER
+/// function (the only cross-tenant read the app role can make). Revoked keys are not found.
+#[tracing::instrument(skip_all)]
+pub async fn authenticate(pool: &PgPool, secret_hash: &[u8; 32]) -> DbResult<Option<KeyOwner>> {
+    let row: Option<(Uuid, Uuid, String)> =
+        sqlx::query_as("select key_id, key_tenant_id, key_role from authenticate_api_key($1)")
+            .bind(secret_hash.as_slice())
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.and_then(|(key_id, tenant_id, role)| {
+        Some(KeyOwner {
+            key_id,
+            tenant_id: TenantId::from_uuid(tenant_id),
+            role: Role::parse(&role).ok()?,
+        })
+    }))
+}

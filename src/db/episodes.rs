@@ -1,0 +1,79 @@
+//! S4 episodes: observations and reports recorded by a tenant.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::tenant::TenantId;
+
+use super::DbResult;
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Episode {
+    pub id: Uuid,
+    pub title: String,
+    pub content: String,
+    pub analysis: Option<Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Keyset position in the episode list (newest first).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpisodeCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn create(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    title: &str,
+    content: &str,
+) -> DbResult<Episode> {
+    Ok(sqlx::query_as(
+        "insert into episodes (id, tenant_id, title, content) values ($1, $2, $3, $4)
+         returning id, title, content, analysis, created_at",
+    )
+    .bind(Uuid::now_v7())
+    .bind(tenant.as_uuid())
+    .bind(title)
+    .bind(content)
+    .fetch_one(conn)
+    .await?)
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn list(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    after: Option<&EpisodeCursor>,
+    fetch: i64,
+) -> DbResult<Vec<Episode>> {
+    Ok(sqlx::query_as(
+        "select id, title, content, analysis, created_at from episodes
+          where tenant_id = $1
+            and ($2::timestamptz is null or (created_at, id) < ($2, $3))
+          order by created_at desc, id desc
+          limit $4",
+    )
+    .bind(tenant.as_uuid())
+    .bind(after.map(|c| c.created_at))
+    .bind(after.map(|c| c.id))
+    .bind(fetch)
+    .fetch_all(conn)
+    .await?)
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn get(conn: &mut PgConnection, id: Uuid) -> DbResult<Option<Episode>> {
+    Ok(sqlx::query_as(
+        "select id, title, content, analysis, created_at from episodes where id = $1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}

@@ -1,0 +1,206 @@
+//! PostgreSQL access: the pools (primary and optional read replica), migrations, and one
+//! repository module per table group. Tenant data is reached only through [`tenant::begin`].
+
+pub mod api_keys;
+pub mod episodes;
+pub mod events;
+pub mod policies;
+pub mod system_states;
+pub mod tenant;
+pub mod tenants;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DatabaseConfig, Secret};
+
+/// Errors from the data layer. Constraint violations a client can cause are told apart so the
+/// HTTP layer can answer 409 instead of 500.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unique constraint {constraint} violated")]
+    UniqueViolation { constraint: String },
+    #[error(transparent)]
+    Sqlx(sqlx::Error),
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e
+            && db.is_unique_violation()
+        {
+            return Self::UniqueViolation {
+                constraint: db.constraint().unwrap_or_default().to_owned(),
+            };
+        }
+        Self::Sqlx(e)
+    }
+}
+
+pub type DbResult<T> = Result<T, DbError>;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Applies pending migrations as the owner role. Concurrent runs serialise on the migrator's lock.
+pub async fn migrate(owner_url: &Secret) -> Result<(), sqlx::Error> {
+    let options: PgConnectOptions = owner_url.expose().parse()?;
+    let mut conn =
+        PgConnection::connect_with(&options.application_name("cybernetic-migrate")).await?;
+    MIGRATOR.run(&mut conn).await?;
+    conn.close().await
+}
+
+/// The connection pools. Cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    primary: PgPool,
+    replica: Option<Replica>,
+}
+
+#[derive(Clone)]
+struct Replica {
+    pool: PgPool,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Db {
+    /// Builds the pools without connecting: the server starts (and reports not ready) while the
+    /// database is down, and connects as soon as it is up.
+    pub fn connect_lazy(
+        url: &Secret,
+        config: &DatabaseConfig,
+        statement_timeout: Duration,
+    ) -> Result<Self, sqlx::Error> {
+        let primary = pool_options(config, config.acquire_timeout)
+            .connect_lazy_with(connect_options(url, statement_timeout)?);
+        let replica = match &config.replica_url {
+            None => None,
+            Some(url) => Some(Replica {
+                // A short acquire timeout: a dead replica must cost little before reads fall back.
+                pool: pool_options(config, Duration::from_secs(1))
+                    .connect_lazy_with(connect_options(url, statement_timeout)?),
+                healthy: Arc::new(AtomicBool::new(true)),
+            }),
+        };
+        Ok(Self { primary, replica })
+    }
+
+    pub fn primary(&self) -> &PgPool {
+        &self.primary
+    }
+
+    /// The pool for history and list reads: the replica while it answers, else the primary.
+    pub fn reads(&self) -> &PgPool {
+        match &self.replica {
+            Some(r) if r.healthy.load(Ordering::Relaxed) => &r.pool,
+            _ => &self.primary,
+        }
+    }
+
+    /// Called when a read on [`Db::reads`] could not reach its server, so the next reads go to
+    /// the primary until the replica answers a probe again.
+    pub fn reads_failed(&self, pool: &PgPool) {
+        if let Some(r) = &self.replica
+            && std::ptr::eq(pool, &r.pool)
+        {
+            if r.healthy.swap(false, Ordering::Relaxed) {
+                tracing::warn!("read replica unreachable; reading from the primary");
+            }
+        }
+    }
+
+    /// Probes the replica every few seconds and routes reads back to it once it answers.
+    pub fn spawn_replica_probe(&self, shutdown: CancellationToken) {
+        let Some(replica) = self.replica.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let ok = ping(&replica.pool, Duration::from_secs(2)).await;
+                if replica.healthy.swap(ok, Ordering::Relaxed) != ok {
+                    tracing::info!(healthy = ok, "read replica health changed");
+                }
+            }
+        });
+    }
+
+    /// Pool sizes for the `db_pool_connections` gauge.
+    pub fn record_pool_metrics(&self) {
+        record_pool("primary", &self.primary);
+        if let Some(r) = &self.replica {
+            record_pool("replica", &r.pool);
+        }
+    }
+
+    pub async fn ping_primary(&self, timeout: Duration) -> bool {
+        ping(&self.primary, timeout).await
+    }
+}
+
+fn pool_options(config: &DatabaseConfig, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(acquire_timeout)
+        // A per-acquire ping doubles the round trips of short requests; broken connections are
+        // detected on use and replaced instead.
+        .test_before_acquire(false)
+        .idle_timeout(Duration::from_secs(600))
+        .max_lifetime(Duration::from_secs(1800))
+}
+
+fn connect_options(
+    url: &Secret,
+    statement_timeout: Duration,
+) -> Result<PgConnectOptions, sqlx::Error> {
+    let options: PgConnectOptions = url.expose().parse()?;
+    let millis = statement_timeout.as_millis().to_string();
+    Ok(options
+        .application_name("cybernetic")
+        .options([("statement_timeout", millis.as_str())]))
+}
+
+async fn ping(pool: &PgPool, timeout: Duration) -> bool {
+    let probe = sqlx::query("select 1").execute(pool);
+    matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)))
+}
+
+fn record_pool(name: &'static str, pool: &PgPool) {
+    let idle = pool.num_idle() as f64;
+    let size = f64::from(pool.size());
+    metrics::gauge!("db_pool_connections", "pool" => name, "state" => "idle").set(idle);
+    metrics::gauge!("db_pool_connections", "pool" => name, "state" => "in_use").set(size - idle);
+    metrics::gauge!("db_pool_max_connections", "pool" => name)
+        .set(f64::from(pool.options().get_max_connections()));
+}
+
+/// Whether an error means the server could not be reached (as opposed to a query failing).
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    )
+}
+
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "db_pool_connections",
+        "Database pool connections by pool and state (idle, in_use)."
+    );
+    metrics::describe_gauge!(
+        "db_pool_max_connections",
+        "Configured maximum connections per database pool."
+    );
+}

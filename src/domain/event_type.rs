@@ -1,0 +1,76 @@
+//! Event type names: dotted lowercase words such as `system.state` or `episode.created`.
+
+use serde::Serialize;
+
+use super::ParseError;
+
+pub const MAX_LEN: usize = 100;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct EventType(String);
+
+impl EventType {
+    pub const SYSTEM_STATE: &'static str = "system.state";
+    pub const EPISODE_CREATED: &'static str = "episode.created";
+    pub const POLICY_CREATED: &'static str = "policy.created";
+    pub const POLICY_UPDATED: &'static str = "policy.updated";
+    pub const POLICY_DELETED: &'static str = "policy.deleted";
+
+    /// Accepts `[a-z0-9_]+(\.[a-z0-9_]+)*`, at most 100 characters.
+    pub fn parse(raw: &str) -> Result<Self, ParseError> {
+        let words_ok = raw.split('.').all(|word| {
+            !word.is_empty()
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        });
+        if raw.is_empty() || raw.len() > MAX_LEN || !words_ok {
+            return Err(ParseError::new(
+                "type",
+                "must be dotted lowercase words ([a-z0-9_]+ separated by '.'), at most 100 characters",
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// One of the platform's own types, known to be well formed.
+    pub fn platform(name: &'static str) -> Self {
+        debug_assert!(
+            Self::parse(name).is_ok(),
+            "malformed platform event type {name}"
+        );
+        Self(name.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse() {
+        for ok in ["a", "system.state", "webhook.n8n_flow", "x.y.z1"] {
+            assert!(EventType::parse(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(101);
+        for bad in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a..b",
+            "A.b",
+            "a-b",
+            "a b",
+            "a.*",
+            long.as_str(),
+        ] {
+            assert!(EventType::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

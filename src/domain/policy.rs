@@ -1,0 +1,175 @@
+//! S5 policy rules: the validated shape of a policy's `rules` (evaluated by the job pool).
+//!
+//! A rule compares one value in the latest state of one system with a threshold:
+//! `{"system": 3, "path": "/load", "op": "gt", "threshold": 0.9,
+//!   "severity": "critical", "message": "S3 load above 90%"}`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::ParseError;
+use super::system::SystemId;
+
+pub const MAX_RULES: usize = 100;
+const MAX_MESSAGE_CHARS: usize = 500;
+const MAX_PATH_BYTES: usize = 512;
+
+/// How a rule compares the value at `path` with `threshold`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operator {
+    /// Numeric comparisons: the value and the threshold must both be numbers.
+    Gt,
+    Gte,
+    Lt,
+    Lte,
+    /// JSON equality with any threshold value.
+    Eq,
+    Ne,
+    /// Presence of the path; no threshold.
+    Exists,
+    Absent,
+}
+
+impl Operator {
+    fn is_numeric(self) -> bool {
+        matches!(self, Self::Gt | Self::Gte | Self::Lt | Self::Lte)
+    }
+
+    fn takes_threshold(self) -> bool {
+        !matches!(self, Self::Exists | Self::Absent)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+/// One rule as stored: every field validated, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub system: i16,
+    /// An RFC 6901 JSON Pointer into the system's state; `""` is the whole state.
+    pub path: String,
+    pub op: Operator,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<Value>,
+    #[serde(default = "default_severity")]
+    pub severity: Severity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+fn default_severity() -> Severity {
+    Severity::Warning
+}
+
+/// A policy's validated rule list: 1 to 100 rules.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Rules(Vec<Rule>);
+
+impl Rules {
+    pub fn parse(raw: Value) -> Result<Self, ParseError> {
+        if !raw.is_array() {
+            return Err(ParseError::new("rules", "must be an array of rule objects"));
+        }
+        let rules: Vec<Rule> =
+            serde_json::from_value(raw).map_err(|e| ParseError::new("rules", e.to_string()))?;
+        if rules.is_empty() || rules.len() > MAX_RULES {
+            return Err(ParseError::new("rules", "must hold 1 to 100 rules"));
+        }
+        for (i, rule) in rules.iter().enumerate() {
+            validate(rule)
+                .map_err(|reason| ParseError::new("rules", format!("rule {i}: {reason}")))?;
+        }
+        Ok(Self(rules))
+    }
+
+    pub fn as_slice(&self) -> &[Rule] {
+        &self.0
+    }
+}
+
+fn validate(rule: &Rule) -> Result<(), String> {
+    SystemId::from_number(rule.system).map_err(|_| "system must be from 1 to 5".to_owned())?;
+    validate_pointer(&rule.path)?;
+    match (&rule.threshold, rule.op) {
+        (None, op) if op.takes_threshold() => {
+            return Err(format!("op {op:?} needs a threshold").to_lowercase());
+        }
+        (Some(_), op) if !op.takes_threshold() => {
+            return Err(format!("op {op:?} takes no threshold").to_lowercase());
+        }
+        (Some(t), op) if op.is_numeric() && !t.is_number() => {
+            return Err(format!("op {op:?} needs a numeric threshold").to_lowercase());
+        }
+        _ => {}
+    }
+    if let Some(message) = &rule.message
+        && message.chars().count() > MAX_MESSAGE_CHARS
+    {
+        return Err("message must be at most 500 characters".to_owned());
+    }
+    Ok(())
+}
+
+fn validate_pointer(path: &str) -> Result<(), String> {
+    if path.len() > MAX_PATH_BYTES {
+        return Err("path must be at most 512 bytes".to_owned());
+    }
+    if !path.is_empty() && !path.starts_with('/') {
+        return Err("path must be a JSON Pointer: empty or starting with '/'".to_owned());
+    }
+    // '~' may only start the escapes ~0 ('~') and ~1 ('/').
+    let mut chars = path.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return Err("path has a '~' that is not ~0 or ~1".to_owned());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn accepts_documented_shape_and_fills_defaults() {
+        let rules = Rules::parse(json!([
+            {"system": 3, "path": "/load", "op": "gt", "threshold": 0.9, "severity": "critical", "message": "hot"},
+            {"system": 1, "path": "/status", "op": "eq", "threshold": "down"},
+            {"system": 5, "path": "/a~1b", "op": "exists"}
+        ]))
+        .unwrap();
+        assert_eq!(rules.as_slice().len(), 3);
+        assert_eq!(rules.as_slice()[1].severity, Severity::Warning);
+    }
+
+    #[test]
+    fn refuses_malformed_rules() {
+        let cases = [
+            json!({}),
+            json!([]),
+            json!([{"system": 6, "path": "/x", "op": "exists"}]),
+            json!([{"system": 1, "path": "x", "op": "exists"}]),
+            json!([{"system": 1, "path": "/~2", "op": "exists"}]),
+            json!([{"system": 1, "path": "/x", "op": "gt"}]),
+            json!([{"system": 1, "path": "/x", "op": "gt", "threshold": "high"}]),
+            json!([{"system": 1, "path": "/x", "op": "exists", "threshold": 1}]),
+            json!([{"system": 1, "path": "/x", "op": "between", "threshold": 1}]),
+            json!([{"system": 1, "path": "/x", "op": "exists", "extra": true}]),
+            json!([{"system": 1, "path": "/x", "op": "exists", "message": "m".repeat(501)}]),
+        ];
+        for case in cases {
+            assert!(Rules::parse(case.clone()).is_err(), "{case}");
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Every route, in one place, and the middleware stack around them (order documented in
+//! middleware.rs).
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post, put};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+
+use crate::routes::{api_keys, episodes, health, metrics, policies, systems, tenants};
+use crate::state::AppState;
+
+use super::error::ApiError;
+use super::middleware;
+
+pub fn build(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/tenants", post(tenants::create).get(tenants::list))
+        .route("/v1/tenants/{id}/api-keys", post(tenants::create_api_key))
+        .route("/v1/api-keys", get(api_keys::list).post(api_keys::create))
+        .route("/v1/api-keys/{id}", delete(api_keys::revoke))
+        .route("/v1/systems", get(systems::latest_all))
+        .route(
+            "/v1/systems/{system}/state",
+            put(systems::record).get(systems::latest),
+        )
+        .route("/v1/systems/{system}/history", get(systems::history))
+        .route("/v1/episodes", post(episodes::create).get(episodes::list))
+        .route("/v1/episodes/{id}", get(episodes::get))
+        .route("/v1/policies", post(policies::create).get(policies::list))
+        .route(
+            "/v1/policies/{id}",
+            get(policies::get)
+                .put(policies::replace)
+                .delete(policies::delete),
+        )
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            state.config.http.request_timeout,
+        ));
+
+    let ops = Router::new()
+        .route("/health", get(health::health))
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/metrics", get(metrics::render));
+
+    Router::new()
+        .merge(api)
+        .merge(ops)
+        // Wrong methods get axum's 405 with its Allow header; observe() gives it a problem body.
+        .fallback(not_found)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(axum::middleware::from_fn(middleware::observe))
+                .layer(CatchPanicLayer::new())
+                .layer(DefaultBodyLimit::max(state.config.http.max_body_bytes)),
+        )
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+pub fn describe_metrics() {
+    ::metrics::describe_counter!(
+        "http_requests_total",
+        "HTTP requests answered, by method, route template and status."
+    );
+    ::metrics::describe_histogram!(
+        "http_request_duration_seconds",
+        ::metrics::Unit::Seconds,
+        "Time from receiving a request to its response head, by method, route template and status."
+    );
+}

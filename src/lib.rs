@@ -1,0 +1,22 @@
+//! Cybernetic: a multi-tenant platform service for organisations run on the Viable System Model.
+
+/// Command-line interface and operator commands.
+pub mod cli;
+/// Typed configuration from the environment.
+pub mod config;
+/// PostgreSQL pools, migrations and repositories; the one way into tenant data.
+pub mod db;
+/// IO-free domain types parsed at the edges.
+pub mod domain;
+/// Router, middleware, errors and extractors.
+pub mod http;
+/// HTTP handlers, one module per resource.
+pub mod routes;
+/// Signal handling for graceful shutdown.
+pub mod shutdown;
+/// Building and running the server.
+pub mod startup;
+/// Handles shared by all handlers.
+pub mod state;
+/// Logging and metrics setup.
+pub mod telemetry;

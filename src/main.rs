@@ -1,0 +1,28 @@
+//! The `cybernetic` binary: parse the command line, set up logging, load the configuration,
+//! dispatch.
+
+use clap::Parser;
+
+use cybernetic::cli::{Cli, run};
+use cybernetic::config::Config;
+use cybernetic::telemetry;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    telemetry::init_tracing(config.log_format);
+    match run(cli.command, config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

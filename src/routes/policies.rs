@@ -1,0 +1,134 @@
+//! S5 policies: admins write them, every role reads them. Rules are validated on the way in
+//! (shape in docs/api.md).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::db::policies::{self, Policy, PolicyCursor, PolicyInput};
+use crate::db::{events, tenant as scope};
+use crate::domain::event_type::EventType;
+use crate::domain::policy::Rules;
+use crate::domain::tenant::Name;
+use crate::http::error::ApiError;
+use crate::http::extract::{Admin, AppJson, AppPath, AppQuery, TenantAuth, Viewer};
+use crate::state::AppState;
+
+use super::{Page, PageQuery, event_data, parse_uuid};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    name: String,
+    rules: Value,
+    #[serde(default = "active_by_default")]
+    active: bool,
+}
+
+fn active_by_default() -> bool {
+    true
+}
+
+impl PolicyBody {
+    fn parse(self) -> Result<(Name, Rules, bool), ApiError> {
+        let name = Name::parse("name", &self.name).map_err(ApiError::validation)?;
+        let rules = Rules::parse(self.rules).map_err(ApiError::validation)?;
+        Ok((name, rules, self.active))
+    }
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn create(
+    auth: TenantAuth<Admin>,
+    State(state): State<AppState>,
+    AppJson(body): AppJson<PolicyBody>,
+) -> Result<(StatusCode, Json<Policy>), ApiError> {
+    let (name, rules, active) = body.parse()?;
+    let input = PolicyInput {
+        name: &name,
+        rules: &rules,
+        active,
+    };
+    let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
+    let policy = policies::create(&mut tx, auth.tenant_id, &input).await?;
+    let event = EventType::platform(EventType::POLICY_CREATED);
+    events::append(&mut tx, auth.tenant_id, &event, &event_data(&policy)).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(policy)))
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn list(
+    auth: TenantAuth<Viewer>,
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<PageQuery>,
+) -> Result<Json<Page<Policy>>, ApiError> {
+    let (limit, cursor) = query.parse::<PolicyCursor>()?;
+    let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
+    let rows = policies::list(&mut tx, auth.tenant_id, cursor.as_ref(), limit.fetch()).await?;
+    tx.commit().await?;
+    Ok(Json(Page::from_rows(rows, limit, |p| PolicyCursor {
+        created_at: p.created_at,
+        id: p.id,
+    })))
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn get(
+    auth: TenantAuth<Viewer>,
+    State(state): State<AppState>,
+    AppPath(id): AppPath<String>,
+) -> Result<Json<Policy>, ApiError> {
+    let id = parse_uuid("id", &id)?;
+    let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
+    let policy = policies::get(&mut tx, id).await?;
+    tx.commit().await?;
+    policy
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("policy"))
+}
+
+/// Replaces name, rules and active flag; the version goes up by one.
+#[tracing::instrument(skip_all)]
+pub async fn replace(
+    auth: TenantAuth<Admin>,
+    State(state): State<AppState>,
+    AppPath(id): AppPath<String>,
+    AppJson(body): AppJson<PolicyBody>,
+) -> Result<Json<Policy>, ApiError> {
+    let id = parse_uuid("id", &id)?;
+    let (name, rules, active) = body.parse()?;
+    let input = PolicyInput {
+        name: &name,
+        rules: &rules,
+        active,
+    };
+    let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
+    let policy = policies::replace(&mut tx, id, &input)
+        .await?
+        .ok_or_else(|| ApiError::not_found("policy"))?;
+    let event = EventType::platform(EventType::POLICY_UPDATED);
+    events::append(&mut tx, auth.tenant_id, &event, &event_data(&policy)).await?;
+    tx.commit().await?;
+    Ok(Json(policy))
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn delete(
+    auth: TenantAuth<Admin>,
+    State(state): State<AppState>,
+    AppPath(id): AppPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_uuid("id", &id)?;
+    let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
+    let policy = policies::delete(&mut tx, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("policy"))?;
+    let event = EventType::platform(EventType::POLICY_DELETED);
+    let data = json!({"id": policy.id, "name": policy.name, "version": policy.version});
+    events::append(&mut tx, auth.tenant_id, &event, &data).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

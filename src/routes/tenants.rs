@@ -1,0 +1,76 @@
+//! The platform admin API: tenants, and the first API key of a tenant.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+
+use crate::db::tenant as scope;
+use crate::db::tenants::{self, Tenant, TenantCursor};
+use crate::domain::role::Role;
+use crate::domain::tenant::{Name, Slug, TenantId};
+use crate::http::error::ApiError;
+use crate::http::extract::{AppJson, AppPath, AppQuery, PlatformAdmin};
+use crate::state::AppState;
+
+use super::api_keys::{CreateKey, IssuedKey, issue};
+use super::{Page, PageQuery, parse_uuid};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    name: String,
+    slug: String,
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn create(
+    _: PlatformAdmin,
+    State(state): State<AppState>,
+    AppJson(body): AppJson<CreateTenant>,
+) -> Result<(StatusCode, Json<Tenant>), ApiError> {
+    let name = Name::parse("name", &body.name).map_err(ApiError::validation)?;
+    let slug = Slug::parse(&body.slug).map_err(ApiError::validation)?;
+    let mut tx = scope::begin_platform(state.db.primary()).await?;
+    let tenant = tenants::create(&mut tx, TenantId::new(), &name, &slug).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(tenant)))
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn list(
+    _: PlatformAdmin,
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<PageQuery>,
+) -> Result<Json<Page<Tenant>>, ApiError> {
+    let (limit, cursor) = query.parse::<TenantCursor>()?;
+    let mut tx = scope::begin_platform(state.db.reads()).await?;
+    let rows = tenants::list(&mut tx, cursor.as_ref(), limit.fetch()).await?;
+    tx.commit().await?;
+    Ok(Json(Page::from_rows(rows, limit, |t| TenantCursor {
+        created_at: t.created_at,
+        id: t.id,
+    })))
+}
+
+/// Bootstraps a tenant: the platform admin creates its first key (usually an admin key).
+#[tracing::instrument(skip_all)]
+pub async fn create_api_key(
+    _: PlatformAdmin,
+    State(state): State<AppState>,
+    AppPath(id): AppPath<String>,
+    AppJson(body): AppJson<CreateKey>,
+) -> Result<(StatusCode, Json<IssuedKey>), ApiError> {
+    let id = parse_uuid("id", &id)?;
+    let name = Name::parse("name", &body.name).map_err(ApiError::validation)?;
+    let role = Role::parse(&body.role).map_err(ApiError::validation)?;
+    let tenant = TenantId::from_uuid(id);
+    let mut tx = scope::begin(state.db.primary(), tenant).await?;
+    // The tenant's own row is visible inside its transaction only if the tenant exists.
+    if tenants::find(&mut tx, &id.to_string()).await?.is_none() {
+        return Err(ApiError::not_found("tenant"));
+    }
+    let issued = issue(&mut tx, tenant, &name, role).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(issued)))
+}

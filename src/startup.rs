@@ -1,0 +1,107 @@
+//! `App::build` binds the listener and assembles the state; `App::run` serves until shutdown,
+//! then drains: readiness fails first, the listener closes after the readiness delay, and
+//! in-flight requests get at most the drain timeout to finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::db::Db;
+use crate::http::router;
+use crate::routes::metrics::MetricsEndpoint;
+use crate::state::AppState;
+use crate::telemetry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid database options: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct App {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+}
+
+impl App {
+    /// Binds the listener and builds everything the server needs. The database is connected
+    /// lazily: the server starts while it is down and reports not ready until it answers.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartupError> {
+        let db = Db::connect_lazy(
+            config.database_url()?,
+            &config.database,
+            config.http.request_timeout,
+        )?;
+        let metrics = telemetry::metrics_handle();
+        let addr = config.http.listen_addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let state = AppState {
+            metrics: Arc::new(MetricsEndpoint::new(
+                metrics,
+                config.metrics.rate_limit_per_second,
+            )),
+            db,
+            config: Arc::new(config),
+            shutdown,
+        };
+        Ok(Self {
+            listener,
+            router: router::build(state.clone()),
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run(self) -> std::io::Result<()> {
+        let Self {
+            listener,
+            router,
+            state,
+        } = self;
+        let shutdown = state.shutdown.clone();
+        let delay = state.config.shutdown.readiness_delay;
+        let drain = state.config.shutdown.drain_timeout;
+        telemetry::spawn_upkeep(state.metrics.handle(), shutdown.clone());
+        state.db.spawn_replica_probe(shutdown.clone());
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+
+        let stop_accepting = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                // Readiness already answers 503; give load balancers time to notice.
+                tokio::time::sleep(delay).await;
+                tracing::info!("no longer accepting connections; draining");
+            }
+        };
+        let serve = axum::serve(listener, router).with_graceful_shutdown(stop_accepting);
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(delay + drain).await;
+        };
+        tokio::select! {
+            result = serve => result?,
+            () = deadline => tracing::warn!(?drain, "drain timeout reached; closing remaining connections"),
+        }
+        state.db.primary().close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! `AppState`: the cheap-to-clone handles every handler may use.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::routes::metrics::MetricsEndpoint;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub config: Arc<Config>,
+    pub metrics: Arc<MetricsEndpoint>,
+    /// Cancelled when shutdown begins: readiness fails from that moment.
+    pub shutdown: CancellationToken,
+}
