@@ -12,6 +12,8 @@ pub mod domain;
 pub mod http;
 /// HTTP handlers, one module per resource.
 pub mod routes;
+/// The accept loop with bounded graceful shutdown.
+pub mod server;
 /// Signal handling for graceful shutdown.
 pub mod shutdown;
 /// Building and running the server.

@@ -1,6 +1,6 @@
 //! `App::build` binds the listener and assembles the state; `App::run` serves until shutdown,
-//! then drains: readiness fails first, the listener closes after the readiness delay, and
-//! in-flight requests get at most the drain timeout to finish.
+//! then drains (see server.rs): readiness fails first, the listener closes after the readiness
+//! delay, and in-flight requests get at most the drain timeout to finish.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use crate::config::{Config, ConfigError};
 use crate::db::Db;
 use crate::http::router;
 use crate::routes::metrics::MetricsEndpoint;
+use crate::server::{self, Drain};
 use crate::state::AppState;
 use crate::telemetry;
 
@@ -76,31 +77,15 @@ impl App {
             state,
         } = self;
         let shutdown = state.shutdown.clone();
-        let delay = state.config.shutdown.readiness_delay;
-        let drain = state.config.shutdown.drain_timeout;
         telemetry::spawn_upkeep(state.metrics.handle(), shutdown.clone());
         state.db.spawn_replica_probe(shutdown.clone());
         tracing::info!(addr = %listener.local_addr()?, "listening");
-
-        let stop_accepting = {
-            let shutdown = shutdown.clone();
-            async move {
-                shutdown.cancelled().await;
-                // Readiness already answers 503; give load balancers time to notice.
-                tokio::time::sleep(delay).await;
-                tracing::info!("no longer accepting connections; draining");
-            }
+        let drain = Drain {
+            readiness_delay: state.config.shutdown.readiness_delay,
+            timeout: state.config.shutdown.drain_timeout,
         };
-        let serve = axum::serve(listener, router).with_graceful_shutdown(stop_accepting);
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(delay + drain).await;
-        };
-        tokio::select! {
-            result = serve => result?,
-            () = deadline => tracing::warn!(?drain, "drain timeout reached; closing remaining connections"),
-        }
-        state.db.primary().close().await;
+        server::serve(listener, router, shutdown, drain).await;
+        state.db.close(std::time::Duration::from_secs(2)).await;
         tracing::info!("stopped");
         Ok(())
     }

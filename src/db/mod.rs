@@ -142,6 +142,20 @@ impl Db {
         }
     }
 
+    /// Closes the pools, waiting at most `timeout` for connections still checked out (a request
+    /// cancelled at the drain deadline may leave one waiting on the server).
+    pub async fn close(&self, timeout: Duration) {
+        let close_all = async {
+            self.primary.close().await;
+            if let Some(r) = &self.replica {
+                r.pool.close().await;
+            }
+        };
+        if tokio::time::timeout(timeout, close_all).await.is_err() {
+            tracing::warn!("database connections still busy at exit; leaving them to the server");
+        }
+    }
+
     pub async fn ping_primary(&self, timeout: Duration) -> bool {
         ping(&self.primary, timeout).await
     }

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::domain::tenant::TenantId;
 
-use super::error::{ApiError, PROBLEM_JSON};
+use super::error::ApiError;
 
 /// What the layers and the handler learn about one request.
 struct RequestContext {
@@ -121,11 +121,13 @@ fn method_label(method: &Method) -> &'static str {
 /// without a problem body; give them one, keeping headers such as `Allow` and `Retry-After`.
 fn problem_if_bare(response: Response) -> Response {
     let status = response.status();
-    let is_problem = response
+    // Bare means no body type, or the plain text axum and tower-http put in their rejections.
+    // Our own JSON answers (readiness 503, for one) and problems are left alone.
+    let bare = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !bare {
         return response;
     }
     let (code, detail) = match status {

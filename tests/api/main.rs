@@ -1,1 +1,12 @@
+//! The integration tests: the real server on port 0, real PostgreSQL as the app role, a fresh
+//! database per test.
 
+mod auth;
+mod cli;
+mod health;
+mod helpers;
+mod isolation;
+mod malformed;
+mod metrics;
+mod resources;
+mod systems;

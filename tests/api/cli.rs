@@ -1,0 +1,151 @@
+//! The operator commands, run as the real binary against the test database.
+
+use std::process::{Command, Output};
+
+use reqwest::StatusCode;
+
+use crate::helpers::{Options, TestApp, app_url, expect_json, expect_problem, fresh_database};
+
+fn cybernetic(env: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cybernetic"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run cybernetic")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn tenants_and_keys_created_by_the_cli_work_over_http() {
+    let db = fresh_database().await;
+    let url = app_url(&db);
+    let env = [("DATABASE_URL", url.as_str())];
+    let created = stdout(&cybernetic(
+        &env,
+        &["tenant", "create", "--name", "Acme Ltd", "--slug", "acme"],
+    ));
+    assert!(created.contains("acme"), "{created}");
+    let listed = stdout(&cybernetic(&env, &["tenant", "list"]));
+    assert!(listed.contains("Acme Ltd"), "{listed}");
+
+    let out = stdout(&cybernetic(
+        &env,
+        &[
+            "api-key", "create", "--tenant", "acme", "--name", "ops", "--role", "operator",
+        ],
+    ));
+    let key = out
+        .lines()
+        .find(|l| l.starts_with("cyb_"))
+        .expect("key printed")
+        .to_owned();
+
+    let app = TestApp::spawn_with(Options {
+        db_name: Some(db.clone()),
+        ..Default::default()
+    })
+    .await;
+    expect_json(
+        app.put(
+            "/v1/systems/1/state",
+            &key,
+            serde_json::json!({"state": {"via": "cli"}}),
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+
+    let keys = stdout(&cybernetic(&env, &["api-key", "list", "--tenant", "acme"]));
+    assert!(!keys.contains(&key), "secrets are never listed");
+    let id = keys.split_whitespace().next().unwrap();
+    stdout(&cybernetic(
+        &env,
+        &["api-key", "revoke", "--tenant", "acme", "--id", id],
+    ));
+    expect_problem(
+        app.get("/v1/systems", &key).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+
+    let missing = cybernetic(&env, &["api-key", "list", "--tenant", "nobody"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no tenant"));
+}
+
+#[test]
+fn bad_configuration_stops_with_one_line_naming_the_variable() {
+    let cases: &[(&[(&str, &str)], &[&str], &str)] = &[
+        (&[], &["check-config"], "DATABASE_URL"),
+        (
+            &[("DATABASE_URL", "mysql://nope")],
+            &["check-config"],
+            "DATABASE_URL",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://a@b/c"),
+                ("LISTEN_ADDR", "everywhere"),
+            ],
+            &["check-config"],
+            "LISTEN_ADDR",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://a@b/c"),
+                ("ADMIN_TOKEN", "short"),
+            ],
+            &["serve"],
+            "ADMIN_TOKEN",
+        ),
+        (&[], &["migrate"], "MIGRATION_DATABASE_URL"),
+    ];
+    for (env, args, var) in cases {
+        let out = cybernetic(env, args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(var), "{var} not named in: {err}");
+    }
+    let ok = cybernetic(
+        &[
+            ("DATABASE_URL", "postgres://u:hunter2@db/c"),
+            ("ADMIN_TOKEN", &"s".repeat(40)),
+        ],
+        &["check-config"],
+    );
+    let text = stdout(&ok);
+    assert!(
+        !text.contains("hunter2") && !text.contains(&"s".repeat(40)),
+        "secrets printed: {text}"
+    );
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["migrate", "--help"],
+        &["tenant", "create", "--help"],
+        &["tenant", "list", "--help"],
+        &["api-key", "create", "--help"],
+        &["api-key", "list", "--help"],
+        &["api-key", "revoke", "--help"],
+        &["check-config", "--help"],
+    ] {
+        let text = stdout(&cybernetic(&[], args));
+        assert!(text.contains("Usage:"), "{args:?}: {text}");
+    }
+}
