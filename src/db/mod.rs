@@ -107,10 +107,9 @@ impl Db {
     pub fn reads_failed(&self, pool: &PgPool) {
         if let Some(r) = &self.replica
             && std::ptr::eq(pool, &r.pool)
+            && r.healthy.swap(false, Ordering::Relaxed)
         {
-            if r.healthy.swap(false, Ordering::Relaxed) {
-                tracing::warn!("read replica unreachable; reading from the primary");
-            }
+            tracing::warn!("read replica unreachable; reading from the primary");
         }
     }
 

@@ -2,7 +2,7 @@
 //! (registry in docs/errors.md) and the request id. 5xx bodies never carry internals: the cause
 //! is logged, the client sees a generic detail.
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -18,7 +18,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     detail: String,
-    headers: HeaderMap,
+    /// Extra headers (WWW-Authenticate, Retry-After); rarely more than one.
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 #[derive(Serialize)]
@@ -39,12 +40,12 @@ impl ApiError {
             status,
             code,
             detail: detail.into(),
-            headers: HeaderMap::new(),
+            headers: Vec::new(),
         }
     }
 
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
-        self.headers.insert(name, value);
+        self.headers.push((name, value));
         self
     }
 
@@ -167,7 +168,9 @@ impl IntoResponse for ApiError {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        response.headers_mut().extend(self.headers);
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value);
+        }
         response
     }
 }

@@ -86,7 +86,8 @@ async fn tenants_and_keys_created_by_the_cli_work_over_http() {
 
 #[test]
 fn bad_configuration_stops_with_one_line_naming_the_variable() {
-    let cases: &[(&[(&str, &str)], &[&str], &str)] = &[
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: &[Case] = &[
         (&[], &["check-config"], "DATABASE_URL"),
         (
             &[("DATABASE_URL", "mysql://nope")],
