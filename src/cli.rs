@@ -105,11 +105,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 fn connect(config: &Config) -> anyhow::Result<Db> {
-    Ok(Db::connect_lazy(
-        config.database_url()?,
-        &config.database,
-        config.http.request_timeout,
-    )?)
+    Ok(Db::connect_lazy(config.database_url()?, &config.database)?)
 }
 
 async fn tenant(cmd: TenantCommand, db: &Db) -> anyhow::Result<()> {

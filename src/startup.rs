@@ -23,6 +23,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("invalid database options: {0}")]
     Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    UnsafeRole(#[from] crate::db::RoleError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -40,11 +42,18 @@ impl App {
     /// Binds the listener and builds everything the server needs. The database is connected
     /// lazily: the server starts while it is down and reports not ready until it answers.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartupError> {
-        let db = Db::connect_lazy(
-            config.database_url()?,
-            &config.database,
-            config.http.request_timeout,
-        )?;
+        let db = Db::connect_lazy(config.database_url()?, &config.database)?;
+        // Refuse a role that bypasses row-level security. While the database is unreachable the
+        // check is left to readiness, which repeats it.
+        match tokio::time::timeout(std::time::Duration::from_secs(5), db.check_role()).await {
+            Ok(Err(unsafe_role @ crate::db::RoleError::Unsafe { .. })) => {
+                return Err(unsafe_role.into());
+            }
+            Ok(Err(crate::db::RoleError::Sqlx(e))) => {
+                tracing::warn!(error = %e, "database not reachable at start")
+            }
+            Ok(Ok(())) | Err(_) => {}
+        }
         let metrics = telemetry::metrics_handle();
         let addr = config.http.listen_addr;
         let listener = TcpListener::bind(addr)

@@ -14,5 +14,9 @@ select format('alter role cybernetic_owner with login nosuperuser nobypassrls no
 select format('alter role cybernetic_app with login nosuperuser nobypassrls nocreaterole nocreatedb noinherit password %L',
               :'app_password') \gexec
 
+-- A runaway statement is cut after 30 s. Set on the role rather than per connection so it also
+-- holds behind PgBouncer, which refuses per-connection startup options.
+alter role cybernetic_app set statement_timeout = '30s';
+
 select format('create database %I owner cybernetic_owner', :'database')
  where not exists (select from pg_database where datname = :'database') \gexec

@@ -44,6 +44,16 @@ impl From<sqlx::Error> for DbError {
 
 pub type DbResult<T> = Result<T, DbError>;
 
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    #[error(
+        "DATABASE_URL logs in as '{role}', which bypasses row-level security (superuser, BYPASSRLS or table owner); use the app role cybernetic_app"
+    )]
+    Unsafe { role: String },
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Applies pending migrations as the owner role. Concurrent runs serialise on the migrator's lock.
@@ -71,19 +81,15 @@ struct Replica {
 impl Db {
     /// Builds the pools without connecting: the server starts (and reports not ready) while the
     /// database is down, and connects as soon as it is up.
-    pub fn connect_lazy(
-        url: &Secret,
-        config: &DatabaseConfig,
-        statement_timeout: Duration,
-    ) -> Result<Self, sqlx::Error> {
-        let primary = pool_options(config, config.acquire_timeout)
-            .connect_lazy_with(connect_options(url, statement_timeout)?);
+    pub fn connect_lazy(url: &Secret, config: &DatabaseConfig) -> Result<Self, sqlx::Error> {
+        let primary =
+            pool_options(config, config.acquire_timeout).connect_lazy_with(connect_options(url)?);
         let replica = match &config.replica_url {
             None => None,
             Some(url) => Some(Replica {
                 // A short acquire timeout: a dead replica must cost little before reads fall back.
                 pool: pool_options(config, Duration::from_secs(1))
-                    .connect_lazy_with(connect_options(url, statement_timeout)?),
+                    .connect_lazy_with(connect_options(url)?),
                 healthy: Arc::new(AtomicBool::new(true)),
             }),
         };
@@ -113,7 +119,8 @@ impl Db {
         }
     }
 
-    /// Probes the replica every few seconds and routes reads back to it once it answers.
+    /// While the replica is marked down, probes it every few seconds and routes reads back to
+    /// it once it answers. A healthy replica is not probed: failed reads mark it down.
     pub fn spawn_replica_probe(&self, shutdown: CancellationToken) {
         let Some(replica) = self.replica.clone() else {
             return;
@@ -125,9 +132,12 @@ impl Db {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let ok = ping(&replica.pool, Duration::from_secs(2)).await;
-                if replica.healthy.swap(ok, Ordering::Relaxed) != ok {
-                    tracing::info!(healthy = ok, "read replica health changed");
+                if replica.healthy.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if ping(&replica.pool, Duration::from_secs(2)).await {
+                    replica.healthy.store(true, Ordering::Relaxed);
+                    tracing::info!("read replica reachable again; reading from it");
                 }
             }
         });
@@ -155,8 +165,22 @@ impl Db {
         }
     }
 
-    pub async fn ping_primary(&self, timeout: Duration) -> bool {
-        ping(&self.primary, timeout).await
+    /// Refuses a connection role that row-level security does not bind (superuser, BYPASSRLS,
+    /// or owner of the tables): serving through it would let any query reach every tenant.
+    pub async fn check_role(&self) -> Result<(), RoleError> {
+        let (role, bypasses): (String, bool) = sqlx::query_as(
+            "select current_user::text,
+                    r.rolsuper or r.rolbypassrls
+                    or exists (select from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                                where n.nspname = 'public' and c.relowner = r.oid)
+               from pg_roles r where r.rolname = current_user",
+        )
+        .fetch_one(&self.primary)
+        .await?;
+        if bypasses {
+            return Err(RoleError::Unsafe { role });
+        }
+        Ok(())
     }
 }
 
@@ -171,15 +195,11 @@ fn pool_options(config: &DatabaseConfig, acquire_timeout: Duration) -> PgPoolOpt
         .max_lifetime(Duration::from_secs(1800))
 }
 
-fn connect_options(
-    url: &Secret,
-    statement_timeout: Duration,
-) -> Result<PgConnectOptions, sqlx::Error> {
+fn connect_options(url: &Secret) -> Result<PgConnectOptions, sqlx::Error> {
     let options: PgConnectOptions = url.expose().parse()?;
-    let millis = statement_timeout.as_millis().to_string();
-    Ok(options
-        .application_name("cybernetic")
-        .options([("statement_timeout", millis.as_str())]))
+    // No `options` startup parameter (such as statement_timeout): PgBouncer refuses it. The app
+    // role carries its statement_timeout itself (docker/postgres/create-roles.sql).
+    Ok(options.application_name("cybernetic"))
 }
 
 async fn ping(pool: &PgPool, timeout: Duration) -> bool {

@@ -25,13 +25,26 @@ pub async fn begin(pool: &PgPool, tenant: TenantId) -> DbResult<Tx> {
 /// Begins a tenant transaction for history and list reads, on the read replica when one is
 /// configured and reachable, else on the primary.
 pub async fn begin_read(db: &Db, tenant: TenantId) -> DbResult<Tx> {
+    on_replica_or_primary(db, |pool| begin(pool, tenant)).await
+}
+
+/// [`begin_platform`] for list reads, on the replica when it answers.
+pub async fn begin_platform_read(db: &Db) -> DbResult<Tx> {
+    on_replica_or_primary(db, begin_platform).await
+}
+
+async fn on_replica_or_primary<'p, F, Fut>(db: &'p Db, begin_on: F) -> DbResult<Tx>
+where
+    F: Fn(&'p PgPool) -> Fut,
+    Fut: Future<Output = DbResult<Tx>>,
+{
     let pool = db.reads();
-    match begin(pool, tenant).await {
+    match begin_on(pool).await {
         Err(super::DbError::Sqlx(e))
             if is_connection_error(&e) && !std::ptr::eq(pool, db.primary()) =>
         {
             db.reads_failed(pool);
-            begin(db.primary(), tenant).await
+            begin_on(db.primary()).await
         }
         other => other,
     }

@@ -35,8 +35,9 @@ impl Limit {
     }
 }
 
-/// Encodes a keyset position as an opaque token (base64url of JSON). Each list has its own
-/// position type, so a cursor from one list does not decode as another's.
+/// Encodes a keyset position as an opaque token (base64url of JSON). A token that does not
+/// decode as the list's position type is refused; lists keyed alike (created_at, id) accept each
+/// other's tokens, which is harmless since row-level security still scopes the rows.
 pub fn encode_cursor<T: Serialize>(position: &T) -> String {
     // Serialising plain structs of numbers, strings and timestamps cannot fail.
     let json = serde_json::to_vec(position).unwrap_or_default();

@@ -57,12 +57,21 @@ pub struct Rule {
     /// An RFC 6901 JSON Pointer into the system's state; `""` is the whole state.
     pub path: String,
     pub op: Operator,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `None` when absent; `Some(Value::Null)` when given as `null` (eq/ne may compare to null).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub threshold: Option<Value>,
     #[serde(default = "default_severity")]
     pub severity: Severity,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 fn default_severity() -> Severity {
@@ -76,17 +85,19 @@ pub struct Rules(Vec<Rule>);
 
 impl Rules {
     pub fn parse(raw: Value) -> Result<Self, ParseError> {
-        if !raw.is_array() {
+        let Value::Array(items) = raw else {
             return Err(ParseError::new("rules", "must be an array of rule objects"));
-        }
-        let rules: Vec<Rule> =
-            serde_json::from_value(raw).map_err(|e| ParseError::new("rules", e.to_string()))?;
-        if rules.is_empty() || rules.len() > MAX_RULES {
+        };
+        if items.is_empty() || items.len() > MAX_RULES {
             return Err(ParseError::new("rules", "must hold 1 to 100 rules"));
         }
-        for (i, rule) in rules.iter().enumerate() {
-            validate(rule)
+        let mut rules = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let rule = serde_json::from_value::<Rule>(item)
+                .map_err(|e| e.to_string())
+                .and_then(|rule| validate(&rule).map(|()| rule))
                 .map_err(|reason| ParseError::new("rules", format!("rule {i}: {reason}")))?;
+            rules.push(rule);
         }
         Ok(Self(rules))
     }
@@ -151,6 +162,20 @@ mod tests {
         .unwrap();
         assert_eq!(rules.as_slice().len(), 3);
         assert_eq!(rules.as_slice()[1].severity, Severity::Warning);
+        let null =
+            Rules::parse(json!([{"system": 2, "path": "/owner", "op": "eq", "threshold": null}]))
+                .unwrap();
+        assert_eq!(null.as_slice()[0].threshold, Some(Value::Null));
+    }
+
+    #[test]
+    fn errors_name_the_rule() {
+        let err = Rules::parse(json!([
+            {"system": 1, "path": "/x", "op": "exists"},
+            {"system": 1, "path": "/x", "op": "between", "threshold": 1}
+        ]))
+        .unwrap_err();
+        assert!(err.reason.starts_with("rule 1: unknown variant"), "{err}");
     }
 
     #[test]
@@ -167,6 +192,7 @@ mod tests {
             json!([{"system": 1, "path": "/x", "op": "between", "threshold": 1}]),
             json!([{"system": 1, "path": "/x", "op": "exists", "extra": true}]),
             json!([{"system": 1, "path": "/x", "op": "exists", "message": "m".repeat(501)}]),
+            json!([{"system": 1, "path": "/x", "op": "gt", "threshold": null}]),
         ];
         for case in cases {
             assert!(Rules::parse(case.clone()).is_err(), "{case}");

@@ -193,7 +193,8 @@ impl FromRequestParts<AppState> for PlatformAdmin {
     }
 }
 
-fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+pub fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
     let header = parts
         .headers
         .get(axum::http::header::AUTHORIZATION)
@@ -215,13 +216,20 @@ fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
     Ok(token)
 }
 
-/// Compares digests, so the comparison takes the same time whatever the token's length.
 fn is_admin_token(state: &AppState, token: &str) -> bool {
-    state.config.admin_token.as_ref().is_some_and(|admin| {
-        let expected = Sha256::digest(admin.expose().as_bytes());
-        let given = Sha256::digest(token.as_bytes());
-        bool::from(expected.ct_eq(&given))
-    })
+    state
+        .config
+        .admin_token
+        .as_ref()
+        .is_some_and(|admin| secrets_match(token, admin.expose()))
+}
+
+/// Constant-time comparison of a presented token with a configured one. Comparing digests makes
+/// the time independent of both contents and lengths.
+pub fn secrets_match(given: &str, expected: &str) -> bool {
+    Sha256::digest(given.as_bytes())
+        .ct_eq(&Sha256::digest(expected.as_bytes()))
+        .into()
 }
 
 async fn authenticate_key(

@@ -1,13 +1,15 @@
 //! Per-request middleware. The stack, outermost first (built in router.rs):
 //!
-//! 1. `SetRequestId`: keeps an inbound `X-Request-Id` (HAProxy sets one) or generates a UUID.
-//! 2. `PropagateRequestId`: echoes it on the response.
-//! 3. [`observe`]: the request's context (request id, tenant), its span, the access-log line,
+//! 1. [`drop_unusable_request_id`]: an inbound `X-Request-Id` that is too long or not a plain
+//!    token is discarded (it would end up in every log line).
+//! 2. `SetRequestId`: keeps an inbound `X-Request-Id` (HAProxy sets one) or generates a UUID.
+//! 3. `PropagateRequestId`: echoes it on the response.
+//! 4. [`observe`]: the request's context (request id, tenant), its span, the access-log line,
 //!    the HTTP metrics, and the rewrite of any bare error answer into problem+json.
-//! 4. `CatchPanic`: a panicking handler answers 500 (made problem+json by 3) instead of
+//! 5. `CatchPanic`: a panicking handler answers 500 (made problem+json by 4) instead of
 //!    dropping the connection.
-//! 5. `Timeout` (API routes only; streams are exempt): 503 when a handler overruns.
 //! 6. `DefaultBodyLimit`: bodies over HTTP_MAX_BODY_BYTES are refused with 413.
+//! 7. `Timeout`, on the `/v1` routes only (streams will be exempt): 503 when a handler overruns.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -101,6 +103,23 @@ pub async fn observe(request: Request, next: Next) -> Response {
         "request"
     );
     response
+}
+
+/// Longest inbound request id kept; longer ones are replaced by a generated id.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+pub async fn drop_unusable_request_id(mut request: Request, next: Next) -> Response {
+    let usable = request.headers().get("x-request-id").is_none_or(|v| {
+        !v.is_empty()
+            && v.len() <= MAX_REQUEST_ID_LEN
+            && v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=".contains(b))
+    });
+    if !usable {
+        request.headers_mut().remove("x-request-id");
+    }
+    next.run(request).await
 }
 
 /// Bounded label values: the standard methods, everything else as `other`.

@@ -55,6 +55,9 @@ pub fn build(state: AppState) -> Router {
         .fallback(not_found)
         .layer(
             ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(
+                    middleware::drop_unusable_request_id,
+                ))
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(axum::middleware::from_fn(middleware::observe))

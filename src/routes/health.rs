@@ -1,5 +1,5 @@
 //! Health endpoints: `/health` (cheap), `/health/live` (the process runs), `/health/ready`
-//! (the database answers and shutdown has not begun).
+//! (the database answers as a role that row-level security binds, and shutdown has not begun).
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
+use crate::db::RoleError;
 use crate::state::AppState;
 
 pub async fn health() -> Json<Value> {
@@ -20,22 +21,30 @@ pub async fn live() -> Json<Value> {
 
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let draining = state.shutdown.is_cancelled();
-    let database = !draining && state.db.ping_primary(Duration::from_secs(2)).await;
-    let check = |ok: bool, failure: &str| {
-        if ok {
-            json!({"status": "ok"})
-        } else {
-            json!({"status": "fail", "reason": failure})
+    let database = if draining {
+        json!({"status": "skipped"})
+    } else {
+        match tokio::time::timeout(Duration::from_secs(2), state.db.check_role()).await {
+            Ok(Ok(())) => json!({"status": "ok"}),
+            Ok(Err(e @ RoleError::Unsafe { .. })) => {
+                json!({"status": "fail", "reason": e.to_string()})
+            }
+            Ok(Err(RoleError::Sqlx(_))) | Err(_) => {
+                json!({"status": "fail", "reason": "the database did not answer within 2s"})
+            }
         }
     };
+    let shutdown = if draining {
+        json!({"status": "fail", "reason": "the server is shutting down"})
+    } else {
+        json!({"status": "ok"})
+    };
+    let ok = !draining && database["status"] == "ok";
     let body = json!({
-        "status": if database && !draining { "ok" } else { "fail" },
-        "checks": {
-            "shutdown": check(!draining, "the server is shutting down"),
-            "database": if draining { json!({"status": "skipped"}) } else { check(database, "the database did not answer within 2s") },
-        }
+        "status": if ok { "ok" } else { "fail" },
+        "checks": {"shutdown": shutdown, "database": database},
     });
-    let status = if database && !draining {
+    let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

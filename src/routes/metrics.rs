@@ -2,16 +2,15 @@
 
 use std::num::NonZeroU32;
 
+use crate::http::error::ApiError;
+use crate::http::extract::{bearer_token, secrets_match};
+use crate::state::AppState;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use metrics_exporter_prometheus::PrometheusHandle;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-
-use crate::http::error::ApiError;
-use crate::state::AppState;
 
 pub struct MetricsEndpoint {
     handle: PrometheusHandle,
@@ -36,20 +35,10 @@ impl MetricsEndpoint {
     }
 }
 
-pub async fn render(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+pub async fn render(State(state): State<AppState>, parts: Parts) -> Result<Response, ApiError> {
     if let Some(token) = &state.config.metrics.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        let matches: bool = Sha256::digest(given.as_bytes())
-            .ct_eq(&Sha256::digest(token.expose().as_bytes()))
-            .into();
-        if !matches {
+        let given = bearer_token(&parts).unwrap_or_default();
+        if !secrets_match(given, token.expose()) {
             return Err(ApiError::unauthorized(
                 "/metrics needs the metrics bearer token",
             ));

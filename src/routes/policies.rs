@@ -18,9 +18,10 @@ use crate::state::AppState;
 
 use super::{Page, PageQuery, event_data, parse_uuid};
 
+/// A new policy: `active` may be left out (it starts active).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyBody {
+pub struct NewPolicy {
     name: String,
     rules: Value,
     #[serde(default = "active_by_default")]
@@ -31,25 +32,33 @@ fn active_by_default() -> bool {
     true
 }
 
-impl PolicyBody {
-    fn parse(self) -> Result<(Name, Rules, bool), ApiError> {
-        let name = Name::parse("name", &self.name).map_err(ApiError::validation)?;
-        let rules = Rules::parse(self.rules).map_err(ApiError::validation)?;
-        Ok((name, rules, self.active))
-    }
+/// A full replacement: every field is required, so leaving `active` out cannot silently
+/// re-enable a disabled policy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacePolicy {
+    name: String,
+    rules: Value,
+    active: bool,
+}
+
+fn parse(name: &str, rules: Value) -> Result<(Name, Rules), ApiError> {
+    let name = Name::parse("name", name).map_err(ApiError::validation)?;
+    let rules = Rules::parse(rules).map_err(ApiError::validation)?;
+    Ok((name, rules))
 }
 
 #[tracing::instrument(skip_all)]
 pub async fn create(
     auth: TenantAuth<Admin>,
     State(state): State<AppState>,
-    AppJson(body): AppJson<PolicyBody>,
+    AppJson(body): AppJson<NewPolicy>,
 ) -> Result<(StatusCode, Json<Policy>), ApiError> {
-    let (name, rules, active) = body.parse()?;
+    let (name, rules) = parse(&body.name, body.rules)?;
     let input = PolicyInput {
         name: &name,
         rules: &rules,
-        active,
+        active: body.active,
     };
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let policy = policies::create(&mut tx, auth.tenant_id, &input).await?;
@@ -96,14 +105,14 @@ pub async fn replace(
     auth: TenantAuth<Admin>,
     State(state): State<AppState>,
     AppPath(id): AppPath<String>,
-    AppJson(body): AppJson<PolicyBody>,
+    AppJson(body): AppJson<ReplacePolicy>,
 ) -> Result<Json<Policy>, ApiError> {
     let id = parse_uuid("id", &id)?;
-    let (name, rules, active) = body.parse()?;
+    let (name, rules) = parse(&body.name, body.rules)?;
     let input = PolicyInput {
         name: &name,
         rules: &rules,
-        active,
+        active: body.active,
     };
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let policy = policies::replace(&mut tx, id, &input)

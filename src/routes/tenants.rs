@@ -44,7 +44,7 @@ pub async fn list(
     AppQuery(query): AppQuery<PageQuery>,
 ) -> Result<Json<Page<Tenant>>, ApiError> {
     let (limit, cursor) = query.parse::<TenantCursor>()?;
-    let mut tx = scope::begin_platform(state.db.reads()).await?;
+    let mut tx = scope::begin_platform_read(&state.db).await?;
     let rows = tenants::list(&mut tx, cursor.as_ref(), limit.fetch()).await?;
     tx.commit().await?;
     Ok(Json(Page::from_rows(rows, limit, |t| TenantCursor {

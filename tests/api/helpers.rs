@@ -352,6 +352,8 @@ where
 pub struct DbProxy {
     pub port: u16,
     cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    /// Connections accepted so far.
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl DbProxy {
@@ -364,6 +366,7 @@ impl DbProxy {
         let proxy = Self {
             port,
             cut: std::sync::Arc::new(cut),
+            accepted: Default::default(),
         };
         proxy.serve(listener);
         proxy
@@ -372,6 +375,7 @@ impl DbProxy {
     fn serve(&self, listener: tokio::net::TcpListener) {
         let mut cut = self.cut.subscribe();
         let cut_sender = self.cut.clone();
+        let accepted_count = self.accepted.clone();
         let target = pg_host();
         tokio::spawn(async move {
             loop {
@@ -379,6 +383,7 @@ impl DbProxy {
                     _ = cut.wait_for(|c| *c) => return, // dropping the listener refuses new connections
                     accepted = listener.accept() => {
                         let Ok((mut inbound, _)) = accepted else { continue };
+                        accepted_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let mut conn_cut = cut_sender.subscribe();
                         let target = target.clone();
                         tokio::spawn(async move {

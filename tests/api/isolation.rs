@@ -333,7 +333,7 @@ async fn http_keys_never_cross_tenants() {
         app.put(
             &format!("/v1/policies/{pid}"),
             &b.admin,
-            json!({"name": "stolen", "rules": [{"system": 1, "path": "", "op": "exists"}]}),
+            json!({"name": "stolen", "rules": [{"system": 1, "path": "", "op": "exists"}], "active": true}),
         )
         .await,
         StatusCode::NOT_FOUND,
@@ -374,4 +374,26 @@ async fn http_keys_never_cross_tenants() {
     .await;
     assert_eq!(p["name"], "p");
     expect_json(app.get("/v1/api-keys", &a.admin).await, StatusCode::OK).await;
+}
+
+#[tokio::test]
+async fn the_server_refuses_a_role_that_bypasses_row_level_security() {
+    let db = crate::helpers::fresh_database().await;
+    // The owner owns the tables; a superuser bypasses RLS outright. Neither may serve.
+    for url in [
+        crate::helpers::owner_url(&db),
+        crate::helpers::superuser_url(&db),
+    ] {
+        let env = std::collections::HashMap::from([
+            ("DATABASE_URL".to_owned(), url.clone()),
+            ("LISTEN_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ]);
+        let config = cybernetic::config::Config::from_source(&|k| env.get(k).cloned()).unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let err = match cybernetic::startup::App::build(config, shutdown).await {
+            Ok(_) => panic!("{url} must be refused"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("bypasses row-level security"), "{err}");
+    }
 }

@@ -8,5 +8,6 @@ mod helpers;
 mod isolation;
 mod malformed;
 mod metrics;
+mod replica;
 mod resources;
 mod systems;

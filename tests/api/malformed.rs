@@ -291,6 +291,25 @@ async fn request_ids_are_kept_or_generated_and_echoed() {
     let problem = expect_problem(res, StatusCode::NOT_FOUND, "not_found").await;
     assert_eq!(problem["request_id"], "edge-1234");
 
+    for unusable in [
+        "x".repeat(129),
+        "has spaces".to_owned(),
+        "quote\"d".to_owned(),
+    ] {
+        let res = app
+            .client
+            .get(app.url("/health"))
+            .header("x-request-id", &unusable)
+            .send()
+            .await
+            .unwrap();
+        let echoed = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert!(
+            uuid::Uuid::parse_str(&echoed).is_ok(),
+            "{unusable:?} was replaced, got {echoed}"
+        );
+    }
+
     let a = app.client.get(app.url("/health")).send().await.unwrap();
     let b = app.client.get(app.url("/health")).send().await.unwrap();
     let (a, b) = (

@@ -139,6 +139,16 @@ async fn policies_are_validated_versioned_and_unique_by_name() {
         expect_problem(res, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
     }
 
+    // A full replacement must say whether the policy is active.
+    let res = app
+        .put(
+            &format!("/v1/policies/{id}"),
+            &t.admin,
+            json!({"name": "ops", "rules": rules}),
+        )
+        .await;
+    expect_problem(res, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+
     let replaced = expect_json(
         app.put(
             &format!("/v1/policies/{id}"),
