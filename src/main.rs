@@ -7,6 +7,11 @@ use cybernetic::cli::{Cli, run};
 use cybernetic::config::Config;
 use cybernetic::telemetry;
 
+/// mimalloc: request handling allocates many small, short-lived buffers, which glibc's malloc
+/// handles markedly slower (measured in docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::db::Db;
+use crate::db::key_cache::KeyCache;
 use crate::http::router;
 use crate::routes::metrics::MetricsEndpoint;
 use crate::server::{self, Drain};
@@ -60,6 +61,7 @@ impl App {
             .await
             .map_err(|source| StartupError::Bind { addr, source })?;
         let state = AppState {
+            keys: KeyCache::default(),
             metrics: Arc::new(MetricsEndpoint::new(
                 metrics,
                 config.metrics.rate_limit_per_second,
@@ -88,6 +90,9 @@ impl App {
         let shutdown = state.shutdown.clone();
         telemetry::spawn_upkeep(state.metrics.handle(), shutdown.clone());
         state.db.spawn_replica_probe(shutdown.clone());
+        state
+            .keys
+            .spawn_listener(state.db.primary().clone(), shutdown.clone());
         tracing::info!(addr = %listener.local_addr()?, "listening");
         let drain = Drain {
             readiness_delay: state.config.shutdown.readiness_delay,

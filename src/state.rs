@@ -6,11 +6,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db::Db;
+use crate::db::key_cache::KeyCache;
 use crate::routes::metrics::MetricsEndpoint;
 
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
+    pub keys: KeyCache,
     pub config: Arc<Config>,
     pub metrics: Arc<MetricsEndpoint>,
     /// Cancelled when shutdown begins: readiness fails from that moment.

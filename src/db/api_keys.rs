@@ -46,8 +46,6 @@ pub struct KeyOwner {
     pub role: Role,
 }
 
-const COLUMNS: &str = "id, name, role, prefix, created_at, last_used_at, revoked_at";
-
 #[tracing::instrument(skip_all)]
 pub async fn create(
     conn: &mut PgConnection,
@@ -78,31 +76,39 @@ pub async fn list(
     after: Option<&ApiKeyCursor>,
     fetch: i64,
 ) -> DbResult<Vec<ApiKey>> {
-    let sql = format!(
-        "select {COLUMNS} from api_keys
+    Ok(sqlx::query_as(
+        "select id, name, role, prefix, created_at, last_used_at, revoked_at from api_keys
           where ($1::timestamptz is null or (created_at, id) < ($1, $2))
           order by created_at desc, id desc
-          limit $3"
-    );
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(after.map(|c| c.created_at))
-        .bind(after.map(|c| c.id))
-        .bind(fetch)
-        .fetch_all(conn)
-        .await?)
+          limit $3",
+    )
+    .bind(after.map(|c| c.created_at))
+    .bind(after.map(|c| c.id))
+    .bind(fetch)
+    .fetch_all(conn)
+    .await?)
 }
 
-/// Revokes a key; revoking a revoked key is a no-op. `None` when no such key is visible.
+/// Revokes a key; revoking a revoked key is a no-op. `None` when no such key is visible. Every
+/// server's key cache hears of it when the transaction commits (see key_cache.rs).
 #[tracing::instrument(skip_all)]
 pub async fn revoke(conn: &mut PgConnection, id: Uuid) -> DbResult<Option<ApiKey>> {
-    let sql = format!(
+    let revoked: Option<ApiKey> = sqlx::query_as(
         "update api_keys set revoked_at = coalesce(revoked_at, now())
-          where id = $1 returning {COLUMNS}"
-    );
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+          where id = $1
+          returning id, name, role, prefix, created_at, last_used_at, revoked_at",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if revoked.is_some() {
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(super::key_cache::REVOCATION_CHANNEL)
+            .bind(id.to_string())
+            .execute(conn)
+            .await?;
+    }
+    Ok(revoked)
 }
 
 /// Looks a key up by the hash of its secret, through the owner's narrow SECURITY DEFINER

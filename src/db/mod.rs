@@ -4,6 +4,7 @@
 pub mod api_keys;
 pub mod episodes;
 pub mod events;
+pub mod key_cache;
 pub mod policies;
 pub mod system_states;
 pub mod tenant;
@@ -216,15 +217,21 @@ fn record_pool(name: &'static str, pool: &PgPool) {
         .set(f64::from(pool.options().get_max_connections()));
 }
 
-/// Whether an error means the server could not be reached (as opposed to a query failing).
+/// Whether an error means the server could not be reached or is going away (as opposed to a
+/// query failing): the client should retry, and readiness reports it.
 pub fn is_connection_error(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
+    match e {
         sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_)
-    )
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // Class 08: connection exceptions; 57P01-03: server shutting down or starting up;
+            // 53300: too many connections.
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
 }
 
 pub fn describe_metrics() {

@@ -22,6 +22,13 @@ pub async fn begin(pool: &PgPool, tenant: TenantId) -> DbResult<Tx> {
     Ok(pool.begin_with(AssertSqlSafe(sql)).await?)
 }
 
+/// Ends a transaction that only read. Dropping it makes sqlx queue a ROLLBACK that travels with
+/// the check the pool runs on every returned connection, so a read costs one round trip less than
+/// with COMMIT; for a transaction that wrote nothing the two are the same.
+pub fn end_read(tx: Tx) {
+    drop(tx);
+}
+
 /// Begins a tenant transaction for history and list reads, on the read replica when one is
 /// configured and reachable, else on the primary.
 pub async fn begin_read(db: &Db, tenant: TenantId) -> DbResult<Tx> {

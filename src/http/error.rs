@@ -108,7 +108,7 @@ impl ApiError {
 
     /// Something failed on our side: the cause goes to the log, not to the client.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
-        tracing::error!(error = %cause, "internal error");
+        tracing::error!(error = %cause, request_id = current_request_id().as_deref(), "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -137,7 +137,7 @@ impl From<DbError> for ApiError {
                 Self::conflict(what)
             }
             DbError::Sqlx(e) if crate::db::is_connection_error(&e) => {
-                tracing::error!(error = %e, "database unreachable");
+                tracing::error!(error = %e, request_id = current_request_id().as_deref(), "database unreachable");
                 Self::unavailable("the database is unreachable; retry shortly")
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
             }

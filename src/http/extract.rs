@@ -239,5 +239,8 @@ async fn authenticate_key(
     if !looks_like_key(token) {
         return Ok(None);
     }
-    Ok(api_keys::authenticate(state.db.primary(), &hash_secret(token)).await?)
+    Ok(state
+        .keys
+        .authenticate(state.db.primary(), &hash_secret(token))
+        .await?)
 }

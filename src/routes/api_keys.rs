@@ -79,7 +79,7 @@ pub async fn list(
     let (limit, cursor) = query.parse::<ApiKeyCursor>()?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let rows = api_keys::list(&mut tx, cursor.as_ref(), limit.fetch()).await?;
-    tx.commit().await?;
+    scope::end_read(tx);
     Ok(Json(Page::from_rows(rows, limit, |k| ApiKeyCursor {
         created_at: k.created_at,
         id: k.id,
@@ -98,7 +98,10 @@ pub async fn revoke(
     let revoked = api_keys::revoke(&mut tx, id).await?;
     tx.commit().await?;
     match revoked {
-        Some(_) => Ok(StatusCode::NO_CONTENT),
+        Some(key) => {
+            state.keys.forget(key.id);
+            Ok(StatusCode::NO_CONTENT)
+        }
         None => Err(ApiError::not_found("API key")),
     }
 }

@@ -56,7 +56,7 @@ pub async fn list(
     let (limit, cursor) = query.parse::<EpisodeCursor>()?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let rows = episodes::list(&mut tx, auth.tenant_id, cursor.as_ref(), limit.fetch()).await?;
-    tx.commit().await?;
+    scope::end_read(tx);
     Ok(Json(Page::from_rows(rows, limit, |e| EpisodeCursor {
         created_at: e.created_at,
         id: e.id,
@@ -72,7 +72,7 @@ pub async fn get(
     let id = parse_uuid("id", &id)?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let episode = episodes::get(&mut tx, id).await?;
-    tx.commit().await?;
+    scope::end_read(tx);
     episode
         .map(Json)
         .ok_or_else(|| ApiError::not_found("episode"))

@@ -77,7 +77,7 @@ pub async fn list(
     let (limit, cursor) = query.parse::<PolicyCursor>()?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let rows = policies::list(&mut tx, auth.tenant_id, cursor.as_ref(), limit.fetch()).await?;
-    tx.commit().await?;
+    scope::end_read(tx);
     Ok(Json(Page::from_rows(rows, limit, |p| PolicyCursor {
         created_at: p.created_at,
         id: p.id,
@@ -93,7 +93,7 @@ pub async fn get(
     let id = parse_uuid("id", &id)?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let policy = policies::get(&mut tx, id).await?;
-    tx.commit().await?;
+    scope::end_read(tx);
     policy
         .map(Json)
         .ok_or_else(|| ApiError::not_found("policy"))

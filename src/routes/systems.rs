@@ -61,7 +61,7 @@ pub async fn latest_all(
 ) -> Result<Json<Page<Latest>>, ApiError> {
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let rows = system_states::latest_all(&mut tx, auth.tenant_id).await?;
-    tx.commit().await?;
+    scope::end_read(tx);
     let items = SystemId::ALL
         .iter()
         .map(|id| match rows.iter().find(|r| r.system == id.number()) {
@@ -94,7 +94,7 @@ pub async fn latest(
     let system = system_param(&system)?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let latest = system_states::latest(&mut tx, auth.tenant_id, system).await?;
-    tx.commit().await?;
+    scope::end_read(tx);
     latest
         .map(Json)
         .ok_or_else(|| ApiError::not_found(&format!("state of system {}", system.number())))
@@ -140,7 +140,7 @@ pub async fn history(
         limit.fetch(),
     )
     .await?;
-    tx.commit().await?;
+    scope::end_read(tx);
     Ok(Json(Page::from_rows(rows, limit, |s| HistoryCursor {
         version: s.version,
     })))

@@ -46,7 +46,7 @@ pub async fn list(
     let (limit, cursor) = query.parse::<TenantCursor>()?;
     let mut tx = scope::begin_platform_read(&state.db).await?;
     let rows = tenants::list(&mut tx, cursor.as_ref(), limit.fetch()).await?;
-    tx.commit().await?;
+    scope::end_read(tx);
     Ok(Json(Page::from_rows(rows, limit, |t| TenantCursor {
         created_at: t.created_at,
         id: t.id,

@@ -259,3 +259,80 @@ async fn without_admin_token_configured_the_platform_api_refuses() {
     )
     .await;
 }
+
+/// Revokes a key the way the CLI does: straight through the repository, in another process's
+/// transaction, so only the NOTIFY tells the servers.
+async fn revoke_out_of_band(app: &TestApp, tenant: &str, key: &str) {
+    let tenant = cybernetic::domain::tenant::TenantId::from_uuid(tenant.parse().unwrap());
+    let mut tx = cybernetic::db::tenant::begin(&app.pool, tenant)
+        .await
+        .unwrap();
+    let id: uuid::Uuid = sqlx::query_scalar("select id from api_keys where secret_hash = $1")
+        .bind(cybernetic::domain::api_key::hash_secret(key).as_slice())
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    cybernetic::db::api_keys::revoke(&mut tx, id)
+        .await
+        .unwrap()
+        .expect("key exists");
+    tx.commit().await.unwrap();
+}
+
+async fn refused_on(app: &TestApp, key: &str) -> bool {
+    app.get("/v1/systems", key).await.status() == StatusCode::UNAUTHORIZED
+}
+
+#[tokio::test]
+async fn revocation_reaches_every_replica_even_after_its_listener_reconnects() {
+    use std::time::Duration;
+
+    use crate::helpers::{Options, eventually};
+
+    let a = TestApp::spawn().await;
+    let b = TestApp::spawn_with(Options {
+        db_name: Some(a.db_name.clone()),
+        ..Default::default()
+    })
+    .await;
+    let t = a.tenant("acme").await;
+    let second = a.create_key(&t.id, "viewer").await;
+    for app in [&a, &b] {
+        for key in [&t.viewer, &second] {
+            // Twice: the second use is served from the cache.
+            expect_json(app.get("/v1/systems", key).await, StatusCode::OK).await;
+            expect_json(app.get("/v1/systems", key).await, StatusCode::OK).await;
+        }
+    }
+
+    revoke_out_of_band(&a, &t.id, &t.viewer).await;
+    for app in [&a, &b] {
+        eventually(
+            Duration::from_secs(5),
+            "the revoked key to be refused",
+            || refused_on(app, &t.viewer),
+        )
+        .await;
+    }
+    expect_json(b.get("/v1/systems", &second).await, StatusCode::OK).await;
+
+    // Kill both listeners' connections: they reconnect, and nothing revoked meanwhile survives.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+          where datname = current_database() and query ilike 'LISTEN%'",
+    )
+    .fetch_all(&a.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true, true], "one listener per server");
+    revoke_out_of_band(&a, &t.id, &second).await;
+    for app in [&a, &b] {
+        eventually(
+            Duration::from_secs(5),
+            "the second revoked key to be refused",
+            || refused_on(app, &second),
+        )
+        .await;
+    }
+    expect_json(a.get("/v1/systems", &t.admin).await, StatusCode::OK).await;
+}

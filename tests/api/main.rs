@@ -11,3 +11,4 @@ mod metrics;
 mod replica;
 mod resources;
 mod systems;
+mod tls;
