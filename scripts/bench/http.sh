@@ -316,8 +316,8 @@ if ((write)); then
     echo "- binary: $build"
     echo "- load: wrk -t$threads -c$connections -d${duration}s --latency (after ${warmup}s warm-up)," \
       "on the same machine as the server and PostgreSQL"
-    echo "- server: LOG_FORMAT=json RUST_LOG=warn DATABASE_MAX_CONNECTIONS=8; one tenant," \
-      "one state per system"
+    echo "- server: LOG_FORMAT=json RUST_LOG=warn DATABASE_MAX_CONNECTIONS=8, PostgreSQL 15 over loopback" \
+      "without TLS (sslmode=disable); one tenant, one state per system"
     echo
     table
   } >"$section"
