@@ -132,7 +132,7 @@ async fn tenant(cmd: TenantCommand, db: &Db) -> anyhow::Result<()> {
                 }
                 match rows.last() {
                     Some(last) => {
-                        after = Some(tenants::TenantCursor {
+                        after = Some(db::CreationCursor {
                             created_at: last.created_at,
                             id: last.id,
                         })
@@ -198,7 +198,7 @@ async fn api_key(cmd: ApiKeyCommand, db: &Db) -> anyhow::Result<()> {
                 }
                 match rows.last() {
                     Some(last) => {
-                        after = Some(api_keys::ApiKeyCursor {
+                        after = Some(db::CreationCursor {
                             created_at: last.created_at,
                             id: last.id,
                         })

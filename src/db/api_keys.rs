@@ -1,7 +1,7 @@
 //! Tenant API keys: creation, listing, revocation, and the pre-tenant authentication lookup.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -9,7 +9,7 @@ use crate::domain::ParseError;
 use crate::domain::role::Role;
 use crate::domain::tenant::{Name, TenantId};
 
-use super::DbResult;
+use super::{CreationCursor, DbResult};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ApiKey {
@@ -28,14 +28,6 @@ impl TryFrom<String> for Role {
     fn try_from(raw: String) -> Result<Self, Self::Error> {
         Role::parse(&raw)
     }
-}
-
-/// Keyset position in the key list (newest first).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKeyCursor {
-    pub created_at: DateTime<Utc>,
-    pub id: Uuid,
 }
 
 /// Who a valid, unrevoked key belongs to.
@@ -73,7 +65,7 @@ pub async fn create(
 #[tracing::instrument(skip_all)]
 pub async fn list(
     conn: &mut PgConnection,
-    after: Option<&ApiKeyCursor>,
+    after: Option<&CreationCursor>,
     fetch: i64,
 ) -> DbResult<Vec<ApiKey>> {
     Ok(sqlx::query_as(

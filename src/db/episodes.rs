@@ -1,14 +1,14 @@
 //! S4 episodes: observations and reports recorded by a tenant.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::domain::tenant::TenantId;
 
-use super::DbResult;
+use super::{CreationCursor, DbResult};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Episode {
@@ -17,14 +17,6 @@ pub struct Episode {
     pub content: String,
     pub analysis: Option<Value>,
     pub created_at: DateTime<Utc>,
-}
-
-/// Keyset position in the episode list (newest first).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EpisodeCursor {
-    pub created_at: DateTime<Utc>,
-    pub id: Uuid,
 }
 
 #[tracing::instrument(skip_all)]
@@ -50,7 +42,7 @@ pub async fn create(
 pub async fn list(
     conn: &mut PgConnection,
     tenant: TenantId,
-    after: Option<&EpisodeCursor>,
+    after: Option<&CreationCursor>,
     fetch: i64,
 ) -> DbResult<Vec<Episode>> {
     Ok(sqlx::query_as(

@@ -45,6 +45,15 @@ impl From<sqlx::Error> for DbError {
 
 pub type DbResult<T> = Result<T, DbError>;
 
+/// Keyset position for lists ordered by creation time, ties broken by id (tenants, API keys,
+/// episodes, policies).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreationCursor {
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub id: uuid::Uuid,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
     #[error(

@@ -1,7 +1,7 @@
 //! S5 policies: named, versioned rule sets that the job pool evaluates against system states.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::domain::policy::Rules;
 use crate::domain::tenant::{Name, TenantId};
 
-use super::DbResult;
+use super::{CreationCursor, DbResult};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Policy {
@@ -20,14 +20,6 @@ pub struct Policy {
     pub version: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-}
-
-/// Keyset position in the policy list (newest first).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyCursor {
-    pub created_at: DateTime<Utc>,
-    pub id: Uuid,
 }
 
 /// What a create or a full replacement writes.
@@ -65,7 +57,7 @@ pub async fn create(
 pub async fn list(
     conn: &mut PgConnection,
     tenant: TenantId,
-    after: Option<&PolicyCursor>,
+    after: Option<&CreationCursor>,
     fetch: i64,
 ) -> DbResult<Vec<Policy>> {
     Ok(sqlx::query_as(

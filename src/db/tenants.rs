@@ -1,13 +1,13 @@
 //! The tenant registry (platform scope).
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::domain::tenant::{Name, Slug, TenantId};
 
-use super::DbResult;
+use super::{CreationCursor, DbResult};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Tenant {
@@ -15,14 +15,6 @@ pub struct Tenant {
     pub name: String,
     pub slug: String,
     pub created_at: DateTime<Utc>,
-}
-
-/// Keyset position in the tenant list (oldest first).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantCursor {
-    pub created_at: DateTime<Utc>,
-    pub id: Uuid,
 }
 
 #[tracing::instrument(skip_all)]
@@ -46,7 +38,7 @@ pub async fn create(
 #[tracing::instrument(skip_all)]
 pub async fn list(
     conn: &mut PgConnection,
-    after: Option<&TenantCursor>,
+    after: Option<&CreationCursor>,
     fetch: i64,
 ) -> DbResult<Vec<Tenant>> {
     Ok(sqlx::query_as(

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::db::api_keys::{self, ApiKey, ApiKeyCursor};
+use crate::db::CreationCursor;
+use crate::db::api_keys::{self, ApiKey};
 use crate::db::tenant as scope;
 use crate::domain::api_key::NewApiKey;
 use crate::domain::role::Role;
@@ -76,11 +77,11 @@ pub async fn list(
     State(state): State<AppState>,
     AppQuery(query): AppQuery<PageQuery>,
 ) -> Result<Json<Page<ApiKey>>, ApiError> {
-    let (limit, cursor) = query.parse::<ApiKeyCursor>()?;
+    let (limit, cursor) = query.parse::<CreationCursor>()?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let rows = api_keys::list(&mut tx, cursor.as_ref(), limit.fetch()).await?;
     scope::end_read(tx);
-    Ok(Json(Page::from_rows(rows, limit, |k| ApiKeyCursor {
+    Ok(Json(Page::from_rows(rows, limit, |k| CreationCursor {
         created_at: k.created_at,
         id: k.id,
     })))

@@ -5,7 +5,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 
-use crate::db::episodes::{self, Episode, EpisodeCursor};
+use crate::db::CreationCursor;
+use crate::db::episodes::{self, Episode};
 use crate::db::{events, tenant as scope};
 use crate::domain::ParseError;
 use crate::domain::event_type::EventType;
@@ -53,11 +54,11 @@ pub async fn list(
     State(state): State<AppState>,
     AppQuery(query): AppQuery<PageQuery>,
 ) -> Result<Json<Page<Episode>>, ApiError> {
-    let (limit, cursor) = query.parse::<EpisodeCursor>()?;
+    let (limit, cursor) = query.parse::<CreationCursor>()?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let rows = episodes::list(&mut tx, auth.tenant_id, cursor.as_ref(), limit.fetch()).await?;
     scope::end_read(tx);
-    Ok(Json(Page::from_rows(rows, limit, |e| EpisodeCursor {
+    Ok(Json(Page::from_rows(rows, limit, |e| CreationCursor {
         created_at: e.created_at,
         id: e.id,
     })))

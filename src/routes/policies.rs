@@ -7,7 +7,8 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::db::policies::{self, Policy, PolicyCursor, PolicyInput};
+use crate::db::CreationCursor;
+use crate::db::policies::{self, Policy, PolicyInput};
 use crate::db::{events, tenant as scope};
 use crate::domain::event_type::EventType;
 use crate::domain::policy::Rules;
@@ -74,11 +75,11 @@ pub async fn list(
     State(state): State<AppState>,
     AppQuery(query): AppQuery<PageQuery>,
 ) -> Result<Json<Page<Policy>>, ApiError> {
-    let (limit, cursor) = query.parse::<PolicyCursor>()?;
+    let (limit, cursor) = query.parse::<CreationCursor>()?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let rows = policies::list(&mut tx, auth.tenant_id, cursor.as_ref(), limit.fetch()).await?;
     scope::end_read(tx);
-    Ok(Json(Page::from_rows(rows, limit, |p| PolicyCursor {
+    Ok(Json(Page::from_rows(rows, limit, |p| CreationCursor {
         created_at: p.created_at,
         id: p.id,
     })))

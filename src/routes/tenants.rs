@@ -5,8 +5,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 
+use crate::db::CreationCursor;
 use crate::db::tenant as scope;
-use crate::db::tenants::{self, Tenant, TenantCursor};
+use crate::db::tenants::{self, Tenant};
 use crate::domain::role::Role;
 use crate::domain::tenant::{Name, Slug, TenantId};
 use crate::http::error::ApiError;
@@ -43,11 +44,11 @@ pub async fn list(
     State(state): State<AppState>,
     AppQuery(query): AppQuery<PageQuery>,
 ) -> Result<Json<Page<Tenant>>, ApiError> {
-    let (limit, cursor) = query.parse::<TenantCursor>()?;
+    let (limit, cursor) = query.parse::<CreationCursor>()?;
     let mut tx = scope::begin_platform_read(&state.db).await?;
     let rows = tenants::list(&mut tx, cursor.as_ref(), limit.fetch()).await?;
     scope::end_read(tx);
-    Ok(Json(Page::from_rows(rows, limit, |t| TenantCursor {
+    Ok(Json(Page::from_rows(rows, limit, |t| CreationCursor {
         created_at: t.created_at,
         id: t.id,
     })))

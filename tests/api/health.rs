@@ -89,39 +89,32 @@ async fn readiness_fails_while_the_database_is_unreachable_and_recovers() {
     expect_json(app.get("/v1/systems", &t.viewer).await, StatusCode::OK).await;
 }
 
-#[tokio::test]
-async fn shutdown_fails_readiness_first_then_drains_in_flight_requests() {
-    let mut app = TestApp::spawn_with(
-        Options::default()
-            .env("SHUTDOWN_READINESS_DELAY", "1500ms")
-            .env("SHUTDOWN_TIMEOUT", "20s"),
-    )
-    .await;
-    let t = app.tenant("acme").await;
+/// A state write that is in flight: it waits on the version lock of `system`, which the returned
+/// transaction holds until the test ends or rolls it back.
+async fn write_held_in_flight(
+    app: &TestApp,
+    t: &crate::helpers::Tenant,
+    system: i16,
+) -> (
+    cybernetic::db::tenant::Tx,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
     let tenant = cybernetic::domain::tenant::TenantId::from_uuid(t.id.parse().unwrap());
-
-    // Hold the version lock of system 1 so the next write is in flight while shutdown begins.
     let mut blocker = cybernetic::db::tenant::begin(&app.pool, tenant)
         .await
         .unwrap();
-    sqlx::query("select pg_advisory_xact_lock(22099, hashtext($1::text || ':' || '1'))")
+    sqlx::query("select pg_advisory_xact_lock(22099, hashtext($1::text || ':' || $2::text))")
         .bind(tenant.as_uuid())
+        .bind(system)
         .execute(&mut *blocker)
         .await
         .unwrap();
-    let in_flight = {
-        let client = app.client.clone();
-        let url = app.url("/v1/systems/1/state");
-        let key = t.operator.clone();
-        tokio::spawn(async move {
-            client
-                .put(url)
-                .bearer_auth(key)
-                .json(&json!({"state": {"x": 1}}))
-                .send()
-                .await
-        })
-    };
+    let request = app
+        .client
+        .put(app.url(&format!("/v1/systems/{system}/state")))
+        .bearer_auth(&t.operator)
+        .json(&json!({"state": {"x": 1}}));
+    let in_flight = tokio::spawn(request.send());
     eventually(
         Duration::from_secs(10),
         "the write to wait on the lock",
@@ -134,6 +127,19 @@ async fn shutdown_fails_readiness_first_then_drains_in_flight_requests() {
         },
     )
     .await;
+    (blocker, in_flight)
+}
+
+#[tokio::test]
+async fn shutdown_fails_readiness_first_then_drains_in_flight_requests() {
+    let mut app = TestApp::spawn_with(
+        Options::default()
+            .env("SHUTDOWN_READINESS_DELAY", "1500ms")
+            .env("SHUTDOWN_TIMEOUT", "20s"),
+    )
+    .await;
+    let t = app.tenant("acme").await;
+    let (blocker, in_flight) = write_held_in_flight(&app, &t, 1).await;
 
     app.shutdown.cancel();
     let res = app
@@ -162,40 +168,7 @@ async fn shutdown_fails_readiness_first_then_drains_in_flight_requests() {
 async fn drain_is_bounded_by_the_shutdown_timeout() {
     let mut app = TestApp::spawn_with(Options::default().env("SHUTDOWN_TIMEOUT", "500ms")).await;
     let t = app.tenant("acme").await;
-    let tenant = cybernetic::domain::tenant::TenantId::from_uuid(t.id.parse().unwrap());
-    let mut blocker = cybernetic::db::tenant::begin(&app.pool, tenant)
-        .await
-        .unwrap();
-    sqlx::query("select pg_advisory_xact_lock(22099, hashtext($1::text || ':' || '2'))")
-        .bind(tenant.as_uuid())
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
-    let stuck = {
-        let client = app.client.clone();
-        let url = app.url("/v1/systems/2/state");
-        let key = t.operator.clone();
-        tokio::spawn(async move {
-            client
-                .put(url)
-                .bearer_auth(key)
-                .json(&json!({"state": {}}))
-                .send()
-                .await
-        })
-    };
-    eventually(
-        Duration::from_secs(10),
-        "the write to wait on the lock",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(WAITING_ON_ADVISORY_LOCK)
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
-            waiting == 1
-        },
-    )
-    .await;
+    let (blocker, stuck) = write_held_in_flight(&app, &t, 2).await;
     let started = tokio::time::Instant::now();
     app.stop().await.unwrap();
     assert!(
