@@ -41,14 +41,17 @@ fi
 log "database roles"
 bash scripts/db-setup.sh
 
-drop_test_databases() {
+# Test databases are cybernetic_test_<uuid>, cloned from cybernetic_tpl_<migrations hash>. Only
+# idle ones are swept, so a run never pulls a database from under another run on the cluster.
+drop_idle_test_databases() {
   psql "$PG_SUPERUSER_URL" -qAtX -c \
-    "select format('drop database if exists %I with (force);', datname) from pg_database
-      where datname like 'cybernetic\_test\_%' or datname like 'cybernetic\_tpl\_%'" \
-    | psql "$PG_SUPERUSER_URL" -qX >/dev/null
+    "select format('drop database if exists %I;', d.datname) from pg_database d
+      where (d.datname like 'cybernetic\_test\_%' or d.datname like 'cybernetic\_tpl\_%')
+        and not exists (select from pg_stat_activity a where a.datname = d.datname)" \
+    | psql "$PG_SUPERUSER_URL" -qX >/dev/null 2>&1 || true
 }
-log "dropping databases left by earlier test runs"
-drop_test_databases
+log "dropping idle databases left by earlier test runs"
+drop_idle_test_databases
 
 # --- checks -----------------------------------------------------------------------------------
 log "cargo fmt --check"
@@ -58,15 +61,16 @@ log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
 log "tests"
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --locked --no-fail-fast
-else
-  cargo test --locked --no-fail-fast
+# nextest runs every test in its own process: each gets its own metrics recorder and runtime.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install cargo-nextest --locked
 fi
+cargo nextest run --locked --no-fail-fast
 
 # --- promtool against the real binary -----------------------------------------------------------
 log "promtool check metrics against a running server"
-db=cybernetic_test_promtool
+db="cybernetic_test_promtool_$$"
 psql "$PG_SUPERUSER_URL" -qX -c "drop database if exists $db with (force)" -c "create database $db owner cybernetic_owner" >/dev/null
 MIGRATION_DATABASE_URL="postgres://cybernetic_owner:owner@${TEST_PG_HOST}/$db" ./target/debug/cybernetic migrate
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -79,12 +83,13 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 curl -fsS "http://127.0.0.1:$port/health/ready" >/dev/null
-curl -fsS -o /dev/null "http://127.0.0.1:$port/v1/systems" -w '' || true   # an error response, to label a 401
+curl -sS -o /dev/null "http://127.0.0.1:$port/v1/systems"   # a 401, so error labels appear too
 curl -fsS "http://127.0.0.1:$port/metrics" | promtool check metrics
 kill -TERM $server
 wait $server
 trap - EXIT
 echo "promtool: metrics ok"
+psql "$PG_SUPERUSER_URL" -qX -c "drop database if exists $db" >/dev/null
 
-drop_test_databases
+drop_idle_test_databases
 log "all checks passed"

@@ -114,7 +114,7 @@ async fn tenant(cmd: TenantCommand, db: &Db) -> anyhow::Result<()> {
         TenantCommand::Create { name, slug } => {
             let name = Name::parse("name", &name)?;
             let slug = Slug::parse(&slug)?;
-            let t = tenants::create(&mut tx, TenantId::new(), &name, &slug).await?;
+            let t = tenants::create(&mut tx, TenantId::generate(), &name, &slug).await?;
             println!("created tenant {} ({}) id={}", t.name, t.slug, t.id);
         }
         TenantCommand::List => {
@@ -180,7 +180,7 @@ async fn api_key(cmd: ApiKeyCommand, db: &Db) -> anyhow::Result<()> {
             let mut tx = scope::begin(db.primary(), tenant).await?;
             let mut after = None;
             loop {
-                let rows = api_keys::list(&mut tx, after.as_ref(), 500).await?;
+                let rows = api_keys::list(&mut tx, tenant, after.as_ref(), 500).await?;
                 for k in &rows {
                     let state = if k.revoked_at.is_some() {
                         "revoked"
@@ -211,7 +211,7 @@ async fn api_key(cmd: ApiKeyCommand, db: &Db) -> anyhow::Result<()> {
         ApiKeyCommand::Revoke { tenant, id } => {
             let tenant = find_tenant(db, &tenant).await?;
             let mut tx = scope::begin(db.primary(), tenant).await?;
-            let revoked = api_keys::revoke(&mut tx, id).await?;
+            let revoked = api_keys::revoke(&mut tx, tenant, id).await?;
             tx.commit().await?;
             match revoked {
                 Some(k) => println!("revoked key '{}' id={}", k.name, k.id),

@@ -5,13 +5,15 @@
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How shutdown proceeds once `shutdown` is cancelled.
 pub struct Drain {
@@ -27,7 +29,18 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Drain,
 ) {
-    let builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(TokioExecutor::new());
+    // A client gets this long to send a request head, and an idle keep-alive connection this long
+    // before it is closed: slow or silent clients cannot hold connections forever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let stop_accepting = async {
@@ -53,9 +66,13 @@ pub async fn serve(
                     });
                 }
                 Err(e) => {
-                    // Usually EMFILE or ECONNABORTED: back off briefly rather than spin.
+                    // Out of file descriptors (EMFILE/ENFILE): back off briefly rather than spin.
+                    // Anything else (a client that reset before accept) concerns one connection.
+                    let exhausted = matches!(e.raw_os_error(), Some(code) if code == 23 || code == 24);
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if exhausted {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

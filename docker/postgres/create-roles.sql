@@ -1,8 +1,11 @@
 -- Creates (or brings up to date) the two database roles and the database, idempotently.
---   psql -v owner_password=... -v app_password=... -v database=cybernetic -f create-roles.sql
+--   OWNER_PASSWORD=... APP_PASSWORD=... psql -v database=cybernetic -f create-roles.sql
+-- The passwords are read from the environment (\getenv), so they never appear in a process list.
 -- Run as a superuser. cybernetic_owner owns the schema and runs migrations; cybernetic_app is what
 -- the server logs in as: no superuser, no BYPASSRLS, owns nothing, so row-level security binds it.
 \set ON_ERROR_STOP on
+\getenv owner_password OWNER_PASSWORD
+\getenv app_password APP_PASSWORD
 
 select 'create role cybernetic_owner login'
  where not exists (select from pg_roles where rolname = 'cybernetic_owner') \gexec

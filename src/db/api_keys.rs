@@ -65,15 +65,18 @@ pub async fn create(
 #[tracing::instrument(skip_all)]
 pub async fn list(
     conn: &mut PgConnection,
+    tenant: TenantId,
     after: Option<&CreationCursor>,
     fetch: i64,
 ) -> DbResult<Vec<ApiKey>> {
     Ok(sqlx::query_as(
         "select id, name, role, prefix, created_at, last_used_at, revoked_at from api_keys
-          where ($1::timestamptz is null or (created_at, id) < ($1, $2))
+          where tenant_id = $1
+            and ($2::timestamptz is null or (created_at, id) < ($2, $3))
           order by created_at desc, id desc
-          limit $3",
+          limit $4",
     )
+    .bind(tenant.as_uuid())
     .bind(after.map(|c| c.created_at))
     .bind(after.map(|c| c.id))
     .bind(fetch)
@@ -82,24 +85,22 @@ pub async fn list(
 }
 
 /// Revokes a key; revoking a revoked key is a no-op. `None` when no such key is visible. Every
-/// server's key cache hears of it when the transaction commits (see key_cache.rs).
+/// server's key cache hears of it when the transaction commits (a trigger sends the NOTIFY).
 #[tracing::instrument(skip_all)]
-pub async fn revoke(conn: &mut PgConnection, id: Uuid) -> DbResult<Option<ApiKey>> {
+pub async fn revoke(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> DbResult<Option<ApiKey>> {
     let revoked: Option<ApiKey> = sqlx::query_as(
         "update api_keys set revoked_at = coalesce(revoked_at, now())
-          where id = $1
+          where tenant_id = $1 and id = $2
           returning id, name, role, prefix, created_at, last_used_at, revoked_at",
     )
+    .bind(tenant.as_uuid())
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
-    if revoked.is_some() {
-        sqlx::query("select pg_notify($1, $2)")
-            .bind(super::key_cache::REVOCATION_CHANNEL)
-            .bind(id.to_string())
-            .execute(conn)
-            .await?;
-    }
     Ok(revoked)
 }
 

@@ -61,10 +61,11 @@ pub async fn list(
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn get(conn: &mut PgConnection, id: Uuid) -> DbResult<Option<Episode>> {
+pub async fn get(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> DbResult<Option<Episode>> {
     Ok(sqlx::query_as(
-        "select id, title, content, analysis, created_at from episodes where id = $1",
+        "select id, title, content, analysis, created_at from episodes where tenant_id = $1 and id = $2",
     )
+    .bind(tenant.as_uuid())
     .bind(id)
     .fetch_optional(conn)
     .await?)

@@ -1,13 +1,16 @@
 //! In-process cache of API key lookups, so an authenticated request does not spend a database
 //! round trip (plus the pool's release check) on a key it saw a moment ago.
 //!
-//! Revocation still takes effect at once: `api_keys::revoke` sends `NOTIFY` on
-//! [`REVOCATION_CHANNEL`] in the revoking transaction, every replica's listener drops the key when
-//! the transaction commits, and the revoking process drops it before answering. While the listener
-//! is not connected, notifications could be missed, so the cache is bypassed entirely and every
-//! request asks the database. A lookup that raced a revocation cannot re-insert the revoked key:
-//! each invalidation bumps a generation, and a lookup only stores its result if the generation is
-//! unchanged since it started.
+//! Revocation still takes effect at once: a trigger on `api_keys` (migration 000002) sends
+//! `NOTIFY` on [`REVOCATION_CHANNEL`] for every revocation, deletion or role change, every
+//! replica's listener drops the key when the transaction commits, and the revoking process drops
+//! it before answering. The cache is trusted only while the listener demonstrably hears: every
+//! [`HEARTBEAT`] the listener sends itself a notification through another connection, and if one
+//! does not come back within [`HEARTBEAT_DEADLINE`] (a silently dead connection, or a pooler that
+//! does not pass LISTEN through) the cache is switched off and every request asks the database
+//! until a new listener is confirmed. A lookup that raced a revocation cannot re-insert the
+//! revoked key: each invalidation bumps a generation, and a lookup only stores its result if the
+//! generation is unchanged since it started.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +28,12 @@ use super::api_keys::{self, KeyOwner};
 pub const REVOCATION_CHANNEL: &str = "cybernetic_api_key_revoked";
 
 /// How long a cached lookup is trusted; a refresh also records the key's last use.
-const TTL: Duration = Duration::from_secs(60);
+const TTL: Duration = Duration::from_secs(30);
+/// How often the listener proves it still hears notifications.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a heartbeat may take to come back before the listener counts as deaf.
+pub const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(3);
+const HEARTBEAT_PREFIX: &str = "heartbeat:";
 /// Only valid keys are cached, so this bounds memory even under a flood of unknown keys.
 const MAX_ENTRIES: usize = 100_000;
 
@@ -113,7 +121,11 @@ impl KeyCache {
             let mut backoff = FIRST_RETRY;
             loop {
                 match listen(&cache, &pool, &shutdown).await {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        // Shutting down: nothing watches for revocations any more.
+                        cache.set_live(false);
+                        return;
+                    }
                     Err(e) => tracing::debug!(error = %e, "revocation listener failed"),
                 }
                 // A listener that had connected failed later: start the backoff over.
@@ -132,8 +144,9 @@ impl KeyCache {
     }
 }
 
-/// Runs one listener connection; returns `Ok` on shutdown and `Err` when the connection fails
-/// or drops (the caller turns caching off at once, then builds a new listener).
+/// Runs one listener connection; returns `Ok` on shutdown and `Err` when the connection fails,
+/// drops, or stops hearing its own heartbeats (the caller turns caching off at once, then builds
+/// a new listener).
 async fn listen(
     cache: &KeyCache,
     pool: &PgPool,
@@ -146,9 +159,26 @@ async fn listen(
     listener.listen(REVOCATION_CHANNEL).await?;
     cache.set_live(true);
     tracing::debug!("API key revocation listener connected");
+
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The heartbeat in flight: its payload and when it must have come back.
+    let mut awaiting: Option<(String, tokio::time::Instant)> = None;
     loop {
+        let deadline = awaiting.as_ref().map(|(_, at)| *at);
         let notification = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = beat.tick(), if awaiting.is_none() => {
+                let payload = format!("{HEARTBEAT_PREFIX}{}", Uuid::new_v4());
+                sqlx::query("select pg_notify($1, $2)")
+                    .bind(REVOCATION_CHANNEL)
+                    .bind(&payload)
+                    .execute(pool)
+                    .await?;
+                awaiting = Some((payload, tokio::time::Instant::now() + HEARTBEAT_DEADLINE));
+                continue;
+            }
+            () = sleep_until_or_forever(deadline) => return Err(deaf()),
             n = listener.try_recv() => n?,
         };
         let Some(notification) = notification else {
@@ -157,10 +187,31 @@ async fn listen(
                 "revocation listener connection dropped",
             )));
         };
-        match Uuid::parse_str(notification.payload()) {
+        let payload = notification.payload();
+        if payload.starts_with(HEARTBEAT_PREFIX) {
+            if awaiting.as_ref().is_some_and(|(sent, _)| sent == payload) {
+                awaiting = None;
+            }
+            continue;
+        }
+        match Uuid::parse_str(payload) {
             Ok(key_id) => cache.forget(key_id),
             // Not ours to interpret: forget everything to stay safe.
             Err(_) => cache.forget_all(),
         }
     }
+}
+
+async fn sleep_until_or_forever(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn deaf() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "revocation listener did not hear its own heartbeat",
+    ))
 }

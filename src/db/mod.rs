@@ -50,8 +50,19 @@ pub type DbResult<T> = Result<T, DbError>;
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreationCursor {
+    #[serde(deserialize_with = "storable_timestamp")]
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub id: uuid::Uuid,
+}
+
+fn storable_timestamp<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<chrono::DateTime<chrono::Utc>, D::Error> {
+    let t = <chrono::DateTime<chrono::Utc> as serde::Deserialize>::deserialize(d)?;
+    if !crate::domain::storable_time(&t) {
+        return Err(serde::de::Error::custom("timestamp out of range"));
+    }
+    Ok(t)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,15 +75,53 @@ pub enum RoleError {
     Sqlx(#[from] sqlx::Error),
 }
 
+/// `Some(role)` when the connection's role bypasses row-level security: a superuser, a BYPASSRLS
+/// role, or the owner (or a member of the owner) of any table in the schema.
+async fn role_bypassing_rls(conn: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
+    let (role, bypasses): (String, bool) = sqlx::query_as(
+        "select current_user::text,
+                r.rolsuper or r.rolbypassrls
+                or exists (select from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                            where n.nspname = 'public' and pg_has_role(r.oid, c.relowner, 'MEMBER'))
+           from pg_roles r where r.rolname = current_user",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(bypasses.then_some(role))
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(
+        "MIGRATION_DATABASE_URL must log in as cybernetic_owner, a non-superuser role that owns the schema (it logs in as '{role}'); the migrations grant to and name these roles"
+    )]
+    WrongRole { role: String },
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
 /// Applies pending migrations as the owner role. Concurrent runs serialise on the migrator's lock.
-pub async fn migrate(owner_url: &Secret) -> Result<(), sqlx::Error> {
+pub async fn migrate(owner_url: &Secret) -> Result<(), MigrateError> {
     let options: PgConnectOptions = owner_url.expose().parse()?;
     let mut conn =
         PgConnection::connect_with(&options.application_name("cybernetic-migrate")).await?;
+    // The migrations create definer functions and owner-only policies for the role running them:
+    // that must be the dedicated owner, never a superuser.
+    let (role, is_owner): (String, bool) = sqlx::query_as(
+        "select current_user::text, current_user = 'cybernetic_owner' and not rolsuper
+           from pg_roles where rolname = current_user",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    if !is_owner {
+        return Err(MigrateError::WrongRole { role });
+    }
     MIGRATOR.run(&mut conn).await?;
-    conn.close().await
+    Ok(conn.close().await?)
 }
 
 /// The connection pools. Cheap to clone.
@@ -80,6 +129,11 @@ pub async fn migrate(owner_url: &Secret) -> Result<(), sqlx::Error> {
 pub struct Db {
     primary: PgPool,
     replica: Option<Replica>,
+    /// A few connections of its own for readiness probes and the key-revocation listener, so a
+    /// saturated request pool neither fails readiness nor starves the listener.
+    ops: PgPool,
+    /// How to open one connection outside any pool (the start-up role check).
+    direct: PgConnectOptions,
 }
 
 #[derive(Clone)]
@@ -103,7 +157,20 @@ impl Db {
                 healthy: Arc::new(AtomicBool::new(true)),
             }),
         };
-        Ok(Self { primary, replica })
+        let direct = connect_options(url)?.application_name("cybernetic-ops");
+        let ops = pool_options(config, Duration::from_secs(2))
+            .max_connections(3)
+            .connect_lazy_with(direct.clone());
+        Ok(Self {
+            primary,
+            replica,
+            ops,
+            direct,
+        })
+    }
+
+    pub fn ops(&self) -> &PgPool {
+        &self.ops
     }
 
     pub fn primary(&self) -> &PgPool {
@@ -166,6 +233,7 @@ impl Db {
     pub async fn close(&self, timeout: Duration) {
         let close_all = async {
             self.primary.close().await;
+            self.ops.close().await;
             if let Some(r) = &self.replica {
                 r.pool.close().await;
             }
@@ -175,27 +243,40 @@ impl Db {
         }
     }
 
-    /// Refuses a connection role that row-level security does not bind (superuser, BYPASSRLS,
-    /// or owner of the tables): serving through it would let any query reach every tenant.
+    /// Whether the server's role is one row-level security binds, on a connection of its own so
+    /// the answer is exact (a pool retries refused connections until its timeout).
     pub async fn check_role(&self) -> Result<(), RoleError> {
-        let (role, bypasses): (String, bool) = sqlx::query_as(
-            "select current_user::text,
-                    r.rolsuper or r.rolbypassrls
-                    or exists (select from pg_class c join pg_namespace n on n.oid = c.relnamespace
-                                where n.nspname = 'public' and c.relowner = r.oid)
-               from pg_roles r where r.rolname = current_user",
-        )
-        .fetch_one(&self.primary)
-        .await?;
-        if bypasses {
-            return Err(RoleError::Unsafe { role });
+        let mut conn = PgConnection::connect_with(&self.direct).await?;
+        let verdict = role_bypassing_rls(&mut conn).await;
+        let _ = conn.close().await;
+        match verdict? {
+            Some(role) => Err(RoleError::Unsafe { role }),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Readiness: the database answers on the ops pool, whose connections have all passed the
+    /// role check when they were opened.
+    pub async fn answers(&self) -> bool {
+        ping(&self.ops, Duration::from_secs(2)).await
     }
 }
 
 fn pool_options(config: &DatabaseConfig, acquire_timeout: Duration) -> PgPoolOptions {
     PgPoolOptions::new()
+        // Refuse to use any connection whose role row-level security does not bind.
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                match role_bypassing_rls(conn).await? {
+                    Some(role) => {
+                        let refusal = RoleError::Unsafe { role };
+                        tracing::error!(error = %refusal, "refusing database connection");
+                        Err(sqlx::Error::Configuration(Box::new(refusal)))
+                    }
+                    None => Ok(()),
+                }
+            })
+        })
         .max_connections(config.max_connections)
         .acquire_timeout(acquire_timeout)
         // A per-acquire ping doubles the round trips of short requests; broken connections are

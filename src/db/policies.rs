@@ -76,10 +76,12 @@ pub async fn list(
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn get(conn: &mut PgConnection, id: Uuid) -> DbResult<Option<Policy>> {
+pub async fn get(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> DbResult<Option<Policy>> {
     Ok(sqlx::query_as(
-        "select id, name, rules, active, version, created_at, updated_at from policies where id = $1",
+        "select id, name, rules, active, version, created_at, updated_at from policies
+          where tenant_id = $1 and id = $2",
     )
+    .bind(tenant.as_uuid())
     .bind(id)
     .fetch_optional(conn)
     .await?)
@@ -89,28 +91,35 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> DbResult<Option<Policy>> 
 #[tracing::instrument(skip_all)]
 pub async fn replace(
     conn: &mut PgConnection,
+    tenant: TenantId,
     id: Uuid,
     input: &PolicyInput<'_>,
 ) -> DbResult<Option<Policy>> {
     Ok(sqlx::query_as(
         "update policies set name = $2, rules = $3, active = $4, version = version + 1, updated_at = now()
-          where id = $1
+          where tenant_id = $5 and id = $1
           returning id, name, rules, active, version, created_at, updated_at",
     )
     .bind(id)
     .bind(input.name.as_str())
     .bind(rules_json(input.rules))
     .bind(input.active)
+    .bind(tenant.as_uuid())
     .fetch_optional(conn)
     .await?)
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn delete(conn: &mut PgConnection, id: Uuid) -> DbResult<Option<Policy>> {
+pub async fn delete(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> DbResult<Option<Policy>> {
     Ok(sqlx::query_as(
-        "delete from policies where id = $1
+        "delete from policies where tenant_id = $1 and id = $2
          returning id, name, rules, active, version, created_at, updated_at",
     )
+    .bind(tenant.as_uuid())
     .bind(id)
     .fetch_optional(conn)
     .await?)

@@ -34,7 +34,7 @@ pub struct Window {
 }
 
 /// Advisory-lock class for "next version of one system of one tenant".
-const VERSION_LOCK_CLASS: i32 = 0x5653; // "VS"
+pub const VERSION_LOCK_CLASS: i32 = 0x5653; // "VS"
 
 /// Records a new state as the next version of `system`. Concurrent writers to the same system
 /// serialise on a transaction-scoped advisory lock, so versions are gap-free and never collide.

@@ -85,6 +85,7 @@ pub struct Rules(Vec<Rule>);
 
 impl Rules {
     pub fn parse(raw: Value) -> Result<Self, ParseError> {
+        super::reject_nul("rules", &raw)?;
         let Value::Array(items) = raw else {
             return Err(ParseError::new("rules", "must be an array of rule objects"));
         };

@@ -11,7 +11,8 @@ use super::ParseError;
 pub struct TenantId(Uuid);
 
 impl TenantId {
-    pub fn new() -> Self {
+    /// A fresh id for a tenant being created.
+    pub fn generate() -> Self {
         Self(Uuid::now_v7())
     }
 
@@ -21,12 +22,6 @@ impl TenantId {
 
     pub fn as_uuid(&self) -> Uuid {
         self.0
-    }
-}
-
-impl Default for TenantId {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -49,14 +49,6 @@ impl ApiError {
         self
     }
 
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    pub fn code(&self) -> &'static str {
-        self.code
-    }
-
     pub fn unauthorized(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
             .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
@@ -140,6 +132,16 @@ impl From<DbError> for ApiError {
                 tracing::error!(error = %e, request_id = current_request_id().as_deref(), "database unreachable");
                 Self::unavailable("the database is unreachable; retry shortly")
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            }
+            // Class 22 (data exception): a value from the request the database cannot store,
+            // such as text with NUL or a number out of range. The client's doing, not ours.
+            DbError::Sqlx(sqlx::Error::Database(db))
+                if db.code().is_some_and(|c| c.starts_with("22")) =>
+            {
+                Self::validation(ParseError::new(
+                    "body",
+                    "a value in the request cannot be stored (for example text containing NUL)",
+                ))
             }
             DbError::Sqlx(e) => Self::internal(&e),
         }

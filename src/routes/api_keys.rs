@@ -27,6 +27,14 @@ pub struct CreateKey {
     pub role: String,
 }
 
+impl CreateKey {
+    pub fn parse(&self) -> Result<(Name, Role), ApiError> {
+        let name = Name::parse("name", &self.name).map_err(ApiError::validation)?;
+        let role = Role::parse(&self.role).map_err(ApiError::validation)?;
+        Ok((name, role))
+    }
+}
+
 /// A newly issued key: the only response that ever carries `key`.
 #[derive(Debug, Serialize)]
 pub struct IssuedKey {
@@ -63,8 +71,7 @@ pub async fn create(
     State(state): State<AppState>,
     AppJson(body): AppJson<CreateKey>,
 ) -> Result<(StatusCode, Json<IssuedKey>), ApiError> {
-    let name = Name::parse("name", &body.name).map_err(ApiError::validation)?;
-    let role = Role::parse(&body.role).map_err(ApiError::validation)?;
+    let (name, role) = body.parse()?;
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let issued = issue(&mut tx, auth.tenant_id, &name, role).await?;
     tx.commit().await?;
@@ -79,7 +86,7 @@ pub async fn list(
 ) -> Result<Json<Page<ApiKey>>, ApiError> {
     let (limit, cursor) = query.parse::<CreationCursor>()?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
-    let rows = api_keys::list(&mut tx, cursor.as_ref(), limit.fetch()).await?;
+    let rows = api_keys::list(&mut tx, auth.tenant_id, cursor.as_ref(), limit.fetch()).await?;
     scope::end_read(tx);
     Ok(Json(Page::from_rows(rows, limit, |k| CreationCursor {
         created_at: k.created_at,
@@ -96,7 +103,7 @@ pub async fn revoke(
 ) -> Result<StatusCode, ApiError> {
     let id = parse_uuid("id", &id)?;
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
-    let revoked = api_keys::revoke(&mut tx, id).await?;
+    let revoked = api_keys::revoke(&mut tx, auth.tenant_id, id).await?;
     tx.commit().await?;
     match revoked {
         Some(key) => {

@@ -34,6 +34,12 @@ pub async fn create(
     AppJson(body): AppJson<CreateEpisode>,
 ) -> Result<(StatusCode, Json<Episode>), ApiError> {
     let title = Name::parse("title", &body.title).map_err(ApiError::validation)?;
+    if body.content.contains('\0') {
+        return Err(ApiError::validation(ParseError::new(
+            "content",
+            "must not contain NUL characters",
+        )));
+    }
     if body.content.chars().count() > MAX_CONTENT_CHARS {
         return Err(ApiError::validation(ParseError::new(
             "content",
@@ -72,7 +78,7 @@ pub async fn get(
 ) -> Result<Json<Episode>, ApiError> {
     let id = parse_uuid("id", &id)?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
-    let episode = episodes::get(&mut tx, id).await?;
+    let episode = episodes::get(&mut tx, auth.tenant_id, id).await?;
     scope::end_read(tx);
     episode
         .map(Json)

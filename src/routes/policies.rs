@@ -93,7 +93,7 @@ pub async fn get(
 ) -> Result<Json<Policy>, ApiError> {
     let id = parse_uuid("id", &id)?;
     let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
-    let policy = policies::get(&mut tx, id).await?;
+    let policy = policies::get(&mut tx, auth.tenant_id, id).await?;
     scope::end_read(tx);
     policy
         .map(Json)
@@ -116,7 +116,7 @@ pub async fn replace(
         active: body.active,
     };
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
-    let policy = policies::replace(&mut tx, id, &input)
+    let policy = policies::replace(&mut tx, auth.tenant_id, id, &input)
         .await?
         .ok_or_else(|| ApiError::not_found("policy"))?;
     let event = EventType::platform(EventType::POLICY_UPDATED);
@@ -133,7 +133,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let id = parse_uuid("id", &id)?;
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
-    let policy = policies::delete(&mut tx, id)
+    let policy = policies::delete(&mut tx, auth.tenant_id, id)
         .await?
         .ok_or_else(|| ApiError::not_found("policy"))?;
     let event = EventType::platform(EventType::POLICY_DELETED);

@@ -45,9 +45,10 @@ pub async fn record(
     AppJson(body): AppJson<RecordState>,
 ) -> Result<(StatusCode, Json<SystemState>), ApiError> {
     let system = system_param(&system)?;
+    let body_state = Value::Object(body.state);
+    crate::domain::reject_nul("state", &body_state).map_err(ApiError::validation)?;
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
-    let recorded =
-        system_states::record(&mut tx, auth.tenant_id, system, &Value::Object(body.state)).await?;
+    let recorded = system_states::record(&mut tx, auth.tenant_id, system, &body_state).await?;
     let event = EventType::platform(EventType::SYSTEM_STATE);
     events::append(&mut tx, auth.tenant_id, &event, &event_data(&recorded)).await?;
     tx.commit().await?;
@@ -112,7 +113,14 @@ fn timestamp(field: &'static str, raw: Option<&str>) -> Result<Option<DateTime<U
     raw.map(|r| {
         DateTime::parse_from_rfc3339(r)
             .map(|t| t.with_timezone(&Utc))
-            .map_err(|_| ApiError::query(ParseError::new(field, "must be an RFC 3339 timestamp")))
+            .ok()
+            .filter(crate::domain::storable_time)
+            .ok_or_else(|| {
+                ApiError::query(ParseError::new(
+                    field,
+                    "must be an RFC 3339 timestamp between years 1 and 9999",
+                ))
+            })
     })
     .transpose()
 }

@@ -8,7 +8,6 @@ use serde::Deserialize;
 use crate::db::CreationCursor;
 use crate::db::tenant as scope;
 use crate::db::tenants::{self, Tenant};
-use crate::domain::role::Role;
 use crate::domain::tenant::{Name, Slug, TenantId};
 use crate::http::error::ApiError;
 use crate::http::extract::{AppJson, AppPath, AppQuery, PlatformAdmin};
@@ -33,7 +32,7 @@ pub async fn create(
     let name = Name::parse("name", &body.name).map_err(ApiError::validation)?;
     let slug = Slug::parse(&body.slug).map_err(ApiError::validation)?;
     let mut tx = scope::begin_platform(state.db.primary()).await?;
-    let tenant = tenants::create(&mut tx, TenantId::new(), &name, &slug).await?;
+    let tenant = tenants::create(&mut tx, TenantId::generate(), &name, &slug).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(tenant)))
 }
@@ -63,8 +62,7 @@ pub async fn create_api_key(
     AppJson(body): AppJson<CreateKey>,
 ) -> Result<(StatusCode, Json<IssuedKey>), ApiError> {
     let id = parse_uuid("id", &id)?;
-    let name = Name::parse("name", &body.name).map_err(ApiError::validation)?;
-    let role = Role::parse(&body.role).map_err(ApiError::validation)?;
+    let (name, role) = body.parse()?;
     let tenant = TenantId::from_uuid(id);
     let mut tx = scope::begin(state.db.primary(), tenant).await?;
     // The tenant's own row is visible inside its transaction only if the tenant exists.

@@ -272,7 +272,7 @@ async fn revoke_out_of_band(app: &TestApp, tenant: &str, key: &str) {
         .fetch_one(&mut *tx)
         .await
         .unwrap();
-    cybernetic::db::api_keys::revoke(&mut tx, id)
+    cybernetic::db::api_keys::revoke(&mut tx, tenant, id)
         .await
         .unwrap()
         .expect("key exists");
@@ -316,7 +316,9 @@ async fn revocation_reaches_every_replica_even_after_its_listener_reconnects() {
     }
     expect_json(b.get("/v1/systems", &second).await, StatusCode::OK).await;
 
-    // Kill both listeners' connections: they reconnect, and nothing revoked meanwhile survives.
+    // Kill both listeners' connections. Each server turns its cache off, reconnects, and proves
+    // the new listener hears before trusting the cache again; then the second key is cached anew
+    // and revoked, so the revocation must travel through the reconnected listeners.
     let killed: Vec<bool> = sqlx::query_scalar(
         "select pg_terminate_backend(pid) from pg_stat_activity
           where datname = current_database() and query ilike 'LISTEN%'",
@@ -325,6 +327,25 @@ async fn revocation_reaches_every_replica_even_after_its_listener_reconnects() {
     .await
     .unwrap();
     assert_eq!(killed, [true, true], "one listener per server");
+    eventually(
+        Duration::from_secs(10),
+        "both listeners to reconnect",
+        || async {
+            let listening: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity
+              where datname = current_database() and query ilike 'LISTEN%' and state = 'idle'",
+            )
+            .fetch_one(&a.pool)
+            .await
+            .unwrap();
+            listening == 2
+        },
+    )
+    .await;
+    for app in [&a, &b] {
+        expect_json(app.get("/v1/systems", &second).await, StatusCode::OK).await;
+        expect_json(app.get("/v1/systems", &second).await, StatusCode::OK).await;
+    }
     revoke_out_of_band(&a, &t.id, &second).await;
     for app in [&a, &b] {
         eventually(
@@ -335,4 +356,30 @@ async fn revocation_reaches_every_replica_even_after_its_listener_reconnects() {
         .await;
     }
     expect_json(a.get("/v1/systems", &t.admin).await, StatusCode::OK).await;
+}
+
+#[tokio::test]
+async fn a_key_changed_by_plain_sql_is_refused_too() {
+    use std::time::Duration;
+
+    use crate::helpers::eventually;
+
+    // No application code runs here: the trigger on api_keys announces the change itself.
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    expect_json(app.get("/v1/systems", &t.viewer).await, StatusCode::OK).await;
+    expect_json(app.get("/v1/systems", &t.viewer).await, StatusCode::OK).await;
+    let tenant = cybernetic::domain::tenant::TenantId::from_uuid(t.id.parse().unwrap());
+    let mut tx = cybernetic::db::tenant::begin(&app.pool, tenant)
+        .await
+        .unwrap();
+    sqlx::query("update api_keys set revoked_at = now() where role = 'viewer'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    eventually(Duration::from_secs(5), "the key to be refused", || {
+        refused_on(&app, &t.viewer)
+    })
+    .await;
 }

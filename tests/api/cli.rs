@@ -72,6 +72,13 @@ async fn tenants_and_keys_created_by_the_cli_work_over_http() {
         &env,
         &["api-key", "revoke", "--tenant", "acme", "--id", id],
     ));
+    // Revoked in another process: the server hears of it through the database's notification.
+    crate::helpers::eventually(
+        std::time::Duration::from_secs(5),
+        "the revoked key to be refused",
+        || async { app.get("/v1/systems", &key).await.status() == StatusCode::UNAUTHORIZED },
+    )
+    .await;
     expect_problem(
         app.get("/v1/systems", &key).await,
         StatusCode::UNAUTHORIZED,
@@ -131,6 +138,22 @@ fn bad_configuration_stops_with_one_line_naming_the_variable() {
         !text.contains("hunter2") && !text.contains(&"s".repeat(40)),
         "secrets printed: {text}"
     );
+}
+
+#[tokio::test]
+async fn migrate_refuses_any_role_but_the_owner() {
+    let db = fresh_database().await;
+    for url in [crate::helpers::superuser_url(&db), app_url(&db)] {
+        let out = cybernetic(&[("MIGRATION_DATABASE_URL", url.as_str())], &["migrate"]);
+        assert!(!out.status.success(), "{url} must be refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("must log in as cybernetic_owner"), "{err}");
+    }
+    let owner = crate::helpers::owner_url(&db);
+    stdout(&cybernetic(
+        &[("MIGRATION_DATABASE_URL", owner.as_str())],
+        &["migrate"],
+    ));
 }
 
 #[test]

@@ -103,7 +103,8 @@ async fn write_held_in_flight(
     let mut blocker = cybernetic::db::tenant::begin(&app.pool, tenant)
         .await
         .unwrap();
-    sqlx::query("select pg_advisory_xact_lock(22099, hashtext($1::text || ':' || $2::text))")
+    sqlx::query("select pg_advisory_xact_lock($1, hashtext($2::text || ':' || $3::text))")
+        .bind(cybernetic::db::system_states::VERSION_LOCK_CLASS)
         .bind(tenant.as_uuid())
         .bind(system)
         .execute(&mut *blocker)
@@ -151,6 +152,16 @@ async fn shutdown_fails_readiness_first_then_drains_in_flight_requests() {
     let body = expect_json(res, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(body["checks"]["shutdown"]["status"], "fail", "{body}");
 
+    // Drain phase: the listener is closed (new connections refused) while the write is still
+    // held; only then is it let through, and it must still complete.
+    eventually(Duration::from_secs(10), "the listener to close", || async {
+        tokio::net::TcpStream::connect(app.addr).await.is_err()
+    })
+    .await;
+    assert!(
+        !in_flight.is_finished(),
+        "the held write is still in flight during the drain"
+    );
     blocker.rollback().await.unwrap();
     let res = in_flight
         .await
