@@ -72,9 +72,9 @@ cargo nextest run --locked --no-fail-fast
 log "promtool check metrics against a running server"
 db="cybernetic_test_promtool_$$"
 psql "$PG_SUPERUSER_URL" -qX -c "drop database if exists $db with (force)" -c "create database $db owner cybernetic_owner" >/dev/null
-MIGRATION_DATABASE_URL="postgres://cybernetic_owner:owner@${TEST_PG_HOST}/$db" ./target/debug/cybernetic migrate
+MIGRATION_DATABASE_URL="postgres://cybernetic_owner:${OWNER_PASSWORD:-owner}@${TEST_PG_HOST}/$db" ./target/debug/cybernetic migrate
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-DATABASE_URL="postgres://cybernetic_app:app@${TEST_PG_HOST}/$db" LISTEN_ADDR="127.0.0.1:$port" RUST_LOG=warn \
+DATABASE_URL="postgres://cybernetic_app:${APP_PASSWORD:-app}@${TEST_PG_HOST}/$db" LISTEN_ADDR="127.0.0.1:$port" RUST_LOG=warn \
   ./target/debug/cybernetic serve &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT

@@ -85,12 +85,24 @@ pub struct ShutdownConfig {
 }
 
 #[derive(Debug, Clone)]
+pub struct EventsConfig {
+    /// RabbitMQ, for fan-out between processes; without it a process serves its own writes live
+    /// and others' within the hub's poll interval.
+    pub amqp_url: Option<Secret>,
+    pub heartbeat: Duration,
+    pub retention: Duration,
+    /// Events each tenant's in-process ring holds for subscribers that are momentarily behind.
+    pub buffer: usize,
+}
+
+#[derive(Debug, Clone)]
 pub struct Config {
     pub database: DatabaseConfig,
     pub http: HttpConfig,
     pub admin_token: Option<Secret>,
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
+    pub events: EventsConfig,
     pub log_format: LogFormat,
 }
 
@@ -144,6 +156,27 @@ impl Config {
             readiness_delay: src.duration("SHUTDOWN_READINESS_DELAY", Duration::ZERO)?,
             drain_timeout: src.duration("SHUTDOWN_TIMEOUT", Duration::from_secs(25))?,
         };
+        let amqp_url = src.secret("AMQP_URL")?;
+        if let Some(url) = &amqp_url
+            && !(url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://"))
+        {
+            return Err(ConfigError::new(
+                "AMQP_URL",
+                "must be an amqp:// or amqps:// URL",
+            ));
+        }
+        let events = EventsConfig {
+            amqp_url,
+            heartbeat: src.duration("SSE_HEARTBEAT", Duration::from_secs(15))?,
+            retention: src.duration("EVENT_RETENTION", Duration::from_secs(30 * 24 * 3600))?,
+            buffer: src.number("SSE_BUFFER", 1024, 16..=1_000_000)?,
+        };
+        if events.heartbeat.is_zero() {
+            return Err(ConfigError::new(
+                "SSE_HEARTBEAT",
+                "must be longer than zero",
+            ));
+        }
         let log_format = match src.plain("LOG_FORMAT").as_deref() {
             None | Some("json") => LogFormat::Json,
             Some("pretty") => LogFormat::Pretty,
@@ -160,6 +193,7 @@ impl Config {
             admin_token,
             metrics,
             shutdown,
+            events,
             log_format,
         })
     }

@@ -8,6 +8,8 @@ pub mod config;
 pub mod db;
 /// IO-free domain types parsed at the edges.
 pub mod domain;
+/// The event log's fast path: in-process hub, RabbitMQ fan-out, retention.
+pub mod events;
 /// Router, middleware, errors and extractors.
 pub mod http;
 /// HTTP handlers, one module per resource.

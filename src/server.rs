@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -29,18 +29,13 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Drain,
 ) {
-    let mut builder = Builder::new(TokioExecutor::new());
-    // A client gets this long to send a request head, and an idle keep-alive connection this long
-    // before it is closed: slow or silent clients cannot hold connections forever.
+    // HTTP/1.1 only: TLS and HTTP/2 end at the load balancer. A client gets this long to send a
+    // request head (counted from the moment it connects), and an idle keep-alive connection this
+    // long before it is closed, so slow or silent clients cannot hold connections forever.
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .keep_alive_timeout(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let stop_accepting = async {
@@ -57,7 +52,7 @@ pub async fn serve(
                     // Small responses should leave at once, not wait on Nagle's algorithm.
                     let _ = stream.set_nodelay(true);
                     let service = TowerToHyperService::new(router.clone());
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection);
                     connections.spawn(async move {
                         if let Err(e) = connection.await {

@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::db::Db;
 use crate::db::key_cache::KeyCache;
+use crate::events::broker::Broker;
+use crate::events::hub::Hub;
+use crate::events::{EventBus, retention};
 use crate::http::router;
 use crate::routes::metrics::MetricsEndpoint;
 use crate::server::{self, Drain};
@@ -56,12 +59,19 @@ impl App {
             Ok(Ok(())) | Err(_) => {}
         }
         let metrics = telemetry::metrics_handle();
+        let hub = Hub::new(db.clone(), config.events.buffer);
+        let broker = config
+            .events
+            .amqp_url
+            .clone()
+            .map(|url| Broker::start(url, hub.clone(), shutdown.clone()));
         let addr = config.http.listen_addr;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartupError::Bind { addr, source })?;
         let state = AppState {
             keys: KeyCache::default(),
+            events: EventBus::new(hub, broker),
             metrics: Arc::new(MetricsEndpoint::new(
                 metrics,
                 config.metrics.rate_limit_per_second,
@@ -92,7 +102,13 @@ impl App {
         state.db.spawn_replica_probe(shutdown.clone());
         state
             .keys
-            .spawn_listener(state.db.primary().clone(), shutdown.clone());
+            .spawn_listener(state.db.ops().clone(), shutdown.clone());
+        state.events.hub().spawn_poller(shutdown.clone());
+        retention::spawn(
+            state.db.clone(),
+            state.config.events.retention,
+            shutdown.clone(),
+        );
         tracing::info!(addr = %listener.local_addr()?, "listening");
         let drain = Drain {
             readiness_delay: state.config.shutdown.readiness_delay,

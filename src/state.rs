@@ -7,12 +7,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db::Db;
 use crate::db::key_cache::KeyCache;
+use crate::events::EventBus;
 use crate::routes::metrics::MetricsEndpoint;
 
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
     pub keys: KeyCache,
+    pub events: EventBus,
     pub config: Arc<Config>,
     pub metrics: Arc<MetricsEndpoint>,
     /// Cancelled when shutdown begins: readiness fails from that moment.

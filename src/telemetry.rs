@@ -58,6 +58,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 fn describe_metrics() {
     crate::http::router::describe_metrics();
     crate::db::describe_metrics();
+    crate::events::describe_metrics();
 }
 
 /// Histograms keep samples until upkeep folds them; run it in the background.

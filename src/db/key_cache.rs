@@ -157,8 +157,7 @@ async fn listen(
     // down would be missed, and the cache must not be trusted meanwhile.
     listener.eager_reconnect(false);
     listener.listen(REVOCATION_CHANNEL).await?;
-    cache.set_live(true);
-    tracing::debug!("API key revocation listener connected");
+    tracing::debug!("API key revocation listener connected; waiting for its first heartbeat");
 
     let mut beat = tokio::time::interval(HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -191,6 +190,11 @@ async fn listen(
         if payload.starts_with(HEARTBEAT_PREFIX) {
             if awaiting.as_ref().is_some_and(|(sent, _)| sent == payload) {
                 awaiting = None;
+                // Trusted only once the listener has shown it hears (a pooler that does not pass
+                // LISTEN through never gets here, and the cache stays off).
+                if !cache.inner.live.load(Ordering::Acquire) {
+                    cache.set_live(true);
+                }
             }
             continue;
         }

@@ -19,7 +19,7 @@ pub async fn begin(pool: &PgPool, tenant: TenantId) -> DbResult<Tx> {
         "BEGIN; SELECT set_config('app.tenant_id', '{}', true)",
         tenant.as_uuid().hyphenated()
     );
-    Ok(pool.begin_with(AssertSqlSafe(sql)).await?)
+    begin_fresh(pool, sql).await
 }
 
 /// Ends a transaction that only read. Dropping it makes sqlx queue a ROLLBACK that travels with
@@ -61,7 +61,33 @@ where
 /// and operator commands. Tenant-scoped tables stay invisible in it.
 #[tracing::instrument(skip_all)]
 pub async fn begin_platform(pool: &PgPool) -> DbResult<Tx> {
-    Ok(pool
-        .begin_with("BEGIN; SELECT set_config('app.scope', 'platform', true)")
-        .await?)
+    begin_fresh(
+        pool,
+        "BEGIN; SELECT set_config('app.scope', 'platform', true)".to_owned(),
+    )
+    .await
+}
+
+/// Begins with `sql`, passing over pooled connections that died while idle (after a database
+/// restart or a network cut, every idle connection fails once). Nothing has run on a connection
+/// that fails at BEGIN, so trying the next one is safe; each failure discards the dead
+/// connection, so within the pool's size a fresh one is reached.
+async fn begin_fresh(pool: &PgPool, sql: String) -> DbResult<Tx> {
+    let attempts = pool.options().get_max_connections() + 1;
+    let mut attempt = 1;
+    loop {
+        match pool.begin_with(AssertSqlSafe(sql.clone())).await {
+            Err(e) if attempt < attempts && is_dead_connection(&e) => attempt += 1,
+            result => return Ok(result?),
+        }
+    }
+}
+
+/// An error from a connection that was open but is gone (as opposed to failing to connect).
+fn is_dead_connection(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P01" | "57P02")),
+        _ => false,
+    }
 }

@@ -17,6 +17,15 @@ impl EventType {
     pub const POLICY_UPDATED: &'static str = "policy.updated";
     pub const POLICY_DELETED: &'static str = "policy.deleted";
 
+    /// Every type the platform itself appends (metrics label these by name).
+    pub const PLATFORM: &'static [&'static str] = &[
+        Self::SYSTEM_STATE,
+        Self::EPISODE_CREATED,
+        Self::POLICY_CREATED,
+        Self::POLICY_UPDATED,
+        Self::POLICY_DELETED,
+    ];
+
     /// Accepts `[a-z0-9_]+(\.[a-z0-9_]+)*`, at most 100 characters.
     pub fn parse(raw: &str) -> Result<Self, ParseError> {
         let words_ok = raw.split('.').all(|word| {

@@ -7,6 +7,7 @@ pub mod policy;
 pub mod role;
 pub mod system;
 pub mod tenant;
+pub mod topic;
 
 /// PostgreSQL cannot store NUL in text or in JSON strings; refuse it where it enters.
 pub fn reject_nul(field: &'static str, value: &serde_json::Value) -> Result<(), ParseError> {

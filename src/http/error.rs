@@ -138,6 +138,7 @@ impl From<DbError> for ApiError {
             DbError::Sqlx(sqlx::Error::Database(db))
                 if db.code().is_some_and(|c| c.starts_with("22")) =>
             {
+                tracing::warn!(error = %db, request_id = current_request_id().as_deref(), "database refused a value");
                 Self::validation(ParseError::new(
                     "body",
                     "a value in the request cannot be stored (for example text containing NUL)",

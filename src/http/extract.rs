@@ -142,7 +142,14 @@ impl<R: RequiredRole> FromRequestParts<AppState> for TenantAuth<R> {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = bearer_token(parts)?;
+        Self::from_token(state, bearer_token(parts)?).await
+    }
+}
+
+impl<R: RequiredRole> TenantAuth<R> {
+    /// Authenticates a tenant key however it arrived (header, or a query parameter where a
+    /// browser cannot set headers).
+    pub async fn from_token(state: &AppState, token: &str) -> Result<Self, ApiError> {
         if is_admin_token(state, token) {
             return Err(ApiError::forbidden(
                 "the platform admin token manages tenants only; use a tenant API key here",
@@ -195,8 +202,12 @@ impl FromRequestParts<AppState> for PlatformAdmin {
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
 pub fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
-    let header = parts
-        .headers
+    bearer_token_from(&parts.headers)
+}
+
+/// [`bearer_token`] from a header map.
+pub fn bearer_token_from(headers: &axum::http::HeaderMap) -> Result<&str, ApiError> {
+    let header = headers
         .get(axum::http::header::AUTHORIZATION)
         .ok_or_else(|| {
             ApiError::unauthorized("missing credentials: send Authorization: Bearer <key>")

@@ -10,7 +10,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 
-use crate::routes::{api_keys, episodes, health, metrics, policies, systems, tenants};
+use crate::routes::{api_keys, episodes, events, health, metrics, policies, systems, tenants};
 use crate::state::AppState;
 
 use super::error::ApiError;
@@ -22,6 +22,7 @@ pub fn build(state: AppState) -> Router {
         .route("/v1/tenants/{id}/api-keys", post(tenants::create_api_key))
         .route("/v1/api-keys", get(api_keys::list).post(api_keys::create))
         .route("/v1/api-keys/{id}", delete(api_keys::revoke))
+        .route("/v1/events/history", get(events::history))
         .route("/v1/systems", get(systems::latest_all))
         .route(
             "/v1/systems/{system}/state",
@@ -42,6 +43,15 @@ pub fn build(state: AppState) -> Router {
             state.config.http.request_timeout,
         ));
 
+    // Streams stay open for as long as the client wants: no handler timeout.
+    let streams = Router::new().route(
+        "/v1/events",
+        get(events::stream).merge(post(events::publish).layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            state.config.http.request_timeout,
+        ))),
+    );
+
     let ops = Router::new()
         .route("/health", get(health::health))
         .route("/health/live", get(health::live))
@@ -50,6 +60,7 @@ pub fn build(state: AppState) -> Router {
 
     Router::new()
         .merge(api)
+        .merge(streams)
         .merge(ops)
         // Wrong methods get axum's 405 with its Allow header; observe() gives it a problem body.
         .fallback(not_found)

@@ -48,9 +48,10 @@ pub async fn create(
     }
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let episode = episodes::create(&mut tx, auth.tenant_id, title.as_str(), &body.content).await?;
-    let event = EventType::platform(EventType::EPISODE_CREATED);
-    events::append(&mut tx, auth.tenant_id, &event, &event_data(&episode)).await?;
+    let event_type = EventType::platform(EventType::EPISODE_CREATED);
+    let event = events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&episode)).await?;
     tx.commit().await?;
+    state.events.committed(std::slice::from_ref(&event)).await;
     Ok((StatusCode::CREATED, Json(episode)))
 }
 

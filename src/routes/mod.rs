@@ -2,6 +2,7 @@
 
 pub mod api_keys;
 pub mod episodes;
+pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod policies;

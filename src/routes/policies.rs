@@ -63,9 +63,10 @@ pub async fn create(
     };
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let policy = policies::create(&mut tx, auth.tenant_id, &input).await?;
-    let event = EventType::platform(EventType::POLICY_CREATED);
-    events::append(&mut tx, auth.tenant_id, &event, &event_data(&policy)).await?;
+    let event_type = EventType::platform(EventType::POLICY_CREATED);
+    let event = events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&policy)).await?;
     tx.commit().await?;
+    state.events.committed(std::slice::from_ref(&event)).await;
     Ok((StatusCode::CREATED, Json(policy)))
 }
 
@@ -119,9 +120,10 @@ pub async fn replace(
     let policy = policies::replace(&mut tx, auth.tenant_id, id, &input)
         .await?
         .ok_or_else(|| ApiError::not_found("policy"))?;
-    let event = EventType::platform(EventType::POLICY_UPDATED);
-    events::append(&mut tx, auth.tenant_id, &event, &event_data(&policy)).await?;
+    let event_type = EventType::platform(EventType::POLICY_UPDATED);
+    let event = events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&policy)).await?;
     tx.commit().await?;
+    state.events.committed(std::slice::from_ref(&event)).await;
     Ok(Json(policy))
 }
 
@@ -136,9 +138,10 @@ pub async fn delete(
     let policy = policies::delete(&mut tx, auth.tenant_id, id)
         .await?
         .ok_or_else(|| ApiError::not_found("policy"))?;
-    let event = EventType::platform(EventType::POLICY_DELETED);
+    let event_type = EventType::platform(EventType::POLICY_DELETED);
     let data = json!({"id": policy.id, "name": policy.name, "version": policy.version});
-    events::append(&mut tx, auth.tenant_id, &event, &data).await?;
+    let event = events::append(&mut tx, auth.tenant_id, &event_type, &data).await?;
     tx.commit().await?;
+    state.events.committed(std::slice::from_ref(&event)).await;
     Ok(StatusCode::NO_CONTENT)
 }

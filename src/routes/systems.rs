@@ -49,9 +49,11 @@ pub async fn record(
     crate::domain::reject_nul("state", &body_state).map_err(ApiError::validation)?;
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let recorded = system_states::record(&mut tx, auth.tenant_id, system, &body_state).await?;
-    let event = EventType::platform(EventType::SYSTEM_STATE);
-    events::append(&mut tx, auth.tenant_id, &event, &event_data(&recorded)).await?;
+    let event_type = EventType::platform(EventType::SYSTEM_STATE);
+    let event =
+        events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&recorded)).await?;
     tx.commit().await?;
+    state.events.committed(std::slice::from_ref(&event)).await;
     Ok((StatusCode::CREATED, Json(recorded)))
 }
 

@@ -9,13 +9,14 @@ use uuid::Uuid;
 
 use crate::helpers::TestApp;
 
-const TENANT_TABLES: [&str; 6] = [
+const TENANT_TABLES: [&str; 7] = [
     "api_keys",
     "system_states",
     "episodes",
     "policies",
     "artifacts",
     "events",
+    "event_heads",
 ];
 
 /// Writes one row into every tenant table for `tenant`, inside its own transaction.
@@ -41,9 +42,8 @@ async fn seed(app: &TestApp, tenant: TenantId) {
         .unwrap();
     sqlx::query("insert into artifacts (id, tenant_id, key, content_type, size, sha256) values ($1, $2, 'a.txt', 'text/plain', 1, $3)")
         .bind(Uuid::new_v4()).bind(t).bind("0".repeat(64)).execute(&mut *tx).await.unwrap();
-    sqlx::query("insert into events (tenant_id, type, data) values ($1, 'test.seed', '{}')")
-        .bind(t)
-        .execute(&mut *tx)
+    let seed = cybernetic::domain::event_type::EventType::parse("test.seed").unwrap();
+    cybernetic::db::events::append(&mut tx, tenant, &seed, &serde_json::json!({}))
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -123,7 +123,8 @@ async fn writes_carrying_another_tenants_id_are_refused() {
         "insert into episodes (id, tenant_id, title, content) values (gen_random_uuid(), $1, 'x', 'y')",
         "insert into policies (id, tenant_id, name, rules) values (gen_random_uuid(), $1, 'x', '[]')",
         "insert into artifacts (id, tenant_id, key, content_type, size, sha256) values (gen_random_uuid(), $1, 'b', 't', 0, repeat('0', 64))",
-        "insert into events (tenant_id, type, data) values ($1, 'x', '{}')",
+        "insert into events (tenant_id, position, type, data) values ($1, 99, 'x', '{}')",
+        "insert into event_heads (tenant_id, position) values ($1, 99)",
         "insert into api_keys (id, tenant_id, name, role, prefix, secret_hash) values (gen_random_uuid(), $1, 'k', 'admin', 'p', sha256('x'::bytea))",
         // Moving one's own row to another tenant is refused by WITH CHECK.
         "update episodes set tenant_id = $1",
@@ -197,11 +198,13 @@ async fn without_a_tenant_nothing_is_visible_and_the_setting_does_not_leak() {
                 .unwrap();
         assert_eq!(n, 0, "{table} visible without a tenant");
     }
-    let err = sqlx::query("insert into events (tenant_id, type, data) values ($1, 'x', '{}')")
-        .bind(a.as_uuid())
-        .execute(&mut *conn)
-        .await
-        .unwrap_err();
+    let err = sqlx::query(
+        "insert into events (tenant_id, position, type, data) values ($1, 99, 'x', '{}')",
+    )
+    .bind(a.as_uuid())
+    .execute(&mut *conn)
+    .await
+    .unwrap_err();
     assert_eq!(
         err.as_database_error().and_then(|e| e.code()).as_deref(),
         Some("42501")

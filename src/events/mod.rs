@@ -1,0 +1,113 @@
+//! Real-time events. The log in PostgreSQL is the truth; this module only carries committed
+//! events quickly to subscribers: the [`hub::Hub`] fans them out in position order inside one
+//! process, and with `AMQP_URL` the [`broker`] carries them between processes. Anything the fast
+//! path misses (broker down, slow client, reconnect) is read back from the log.
+
+pub mod broker;
+pub mod hub;
+pub mod retention;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::db::events::Event;
+use crate::domain::event_type::EventType;
+
+/// A committed event on its way to subscribers, serialised once for all of them.
+#[derive(Debug)]
+pub struct Live {
+    pub position: i64,
+    pub event_type: String,
+    pub tenant_id: uuid::Uuid,
+    /// The envelope `{"id", "type", "tenant_id", "occurred_at", "data"}` as JSON.
+    pub json: String,
+    /// When it was handed to the bus after commit (microseconds since the epoch); `None` when it
+    /// was read back from the log, so delivery latency is not measured for it.
+    pub published_at_us: Option<i64>,
+}
+
+impl Live {
+    pub fn new(event: &Event, published_at_us: Option<i64>) -> Self {
+        Self {
+            position: event.id,
+            event_type: event.event_type.clone(),
+            tenant_id: event.tenant_id,
+            // An envelope of strings, numbers and JSON values always serialises.
+            json: serde_json::to_string(event).unwrap_or_default(),
+            published_at_us,
+        }
+    }
+}
+
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// What handlers use: hand committed events over; subscribe to a tenant's stream.
+#[derive(Clone)]
+pub struct EventBus {
+    hub: Arc<hub::Hub>,
+    broker: Option<broker::Broker>,
+}
+
+impl EventBus {
+    pub fn new(hub: Arc<hub::Hub>, broker: Option<broker::Broker>) -> Self {
+        Self { hub, broker }
+    }
+
+    pub fn hub(&self) -> &Arc<hub::Hub> {
+        &self.hub
+    }
+
+    /// Call after the transaction that appended `events` has committed.
+    pub async fn committed(&self, events: &[Event]) {
+        for event in events {
+            metrics::counter!("events_appended_total", "type" => type_label(&event.event_type))
+                .increment(1);
+            let live = Arc::new(Live::new(event, Some(now_us())));
+            self.hub.offer(live.clone());
+            if let Some(broker) = &self.broker {
+                broker.publish(&live).await;
+            }
+        }
+    }
+}
+
+/// Platform types by name; every client-defined type as `custom`, so labels stay bounded.
+fn type_label(event_type: &str) -> &'static str {
+    EventType::PLATFORM
+        .iter()
+        .find(|t| **t == event_type)
+        .copied()
+        .unwrap_or("custom")
+}
+
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "events_appended_total",
+        "Events committed to the log, by type (client-defined types as custom)."
+    );
+    metrics::describe_gauge!("sse_connections", "Open event streams.");
+    metrics::describe_counter!("sse_events_sent_total", "Events written to event streams.");
+    metrics::describe_counter!(
+        "sse_catchups_total",
+        "Times a stream was caught up from the log, by reason (replay, lagged, gap)."
+    );
+    metrics::describe_counter!(
+        "sse_disconnects_total",
+        "Event streams ended by the server, by reason."
+    );
+    metrics::describe_histogram!(
+        "event_delivery_seconds",
+        metrics::Unit::Seconds,
+        "Time from handing a committed event to the bus until a stream yields it to the connection."
+    );
+    metrics::describe_counter!(
+        "event_bus_gap_fills_total",
+        "Times the hub read missing positions back from the log."
+    );
+    metrics::describe_counter!("events_pruned_total", "Events deleted by retention.");
+}

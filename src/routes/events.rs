@@ -1,0 +1,360 @@
+//! Events: clients publish their own (`POST /v1/events`), follow a tenant's log live over SSE
+//! (`GET /v1/events`), or poll it (`GET /v1/events/history`). See docs/events.md.
+//!
+//! A stream subscribes to the hub before it reads the log, reads the log up to its head, then
+//! follows the hub. It keeps `scanned`, the position up to which it has considered every event:
+//! a live event at `scanned + 1` is sent at once; one further ahead, or a `Lagged` from the hub's
+//! ring, means events were skipped, and the stream reads them from the log before going on.
+//! Positions are contiguous per tenant, so this yields every event exactly once and in order.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::db::events::{self, Event};
+use crate::db::tenant as scope;
+use crate::domain::ParseError;
+use crate::domain::event_type::EventType;
+use crate::domain::pagination::{Limit, decode_cursor, encode_cursor};
+use crate::domain::tenant::TenantId;
+use crate::domain::topic::TopicFilter;
+use crate::events::{Live, now_us};
+use crate::http::error::ApiError;
+use crate::http::extract::{AppJson, AppQuery, Operator, TenantAuth, Viewer, bearer_token_from};
+use crate::http::middleware::record_tenant;
+use crate::state::AppState;
+
+use super::Page;
+
+/// Largest `data` a client may publish, serialised.
+const MAX_DATA_BYTES: usize = 64 * 1024;
+/// Reconnect hint sent on connect and when the server closes the stream.
+const RETRY: Duration = Duration::from_millis(1000);
+/// Log pages read while replaying or catching up.
+const PAGE: i64 = 500;
+/// Catch-ups in a row, with no live event in between, before a stream that cannot keep up is
+/// closed (the client reconnects with its last id and resumes from the log).
+const MAX_LAG_CATCHUPS: u32 = 3;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Publish {
+    #[serde(rename = "type")]
+    event_type: String,
+    data: Value,
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn publish(
+    auth: TenantAuth<Operator>,
+    State(state): State<AppState>,
+    AppJson(body): AppJson<Publish>,
+) -> Result<(StatusCode, Json<Event>), ApiError> {
+    let event_type = EventType::parse(&body.event_type).map_err(ApiError::validation)?;
+    let size = serde_json::to_vec(&body.data)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_DATA_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("data is {size} bytes serialised; at most {MAX_DATA_BYTES} are accepted"),
+        ));
+    }
+    crate::domain::reject_nul("data", &body.data).map_err(ApiError::validation)?;
+    let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
+    let event = events::append(&mut tx, auth.tenant_id, &event_type, &body.data).await?;
+    tx.commit().await?;
+    state.events.committed(std::slice::from_ref(&event)).await;
+    Ok((StatusCode::CREATED, Json(event)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamQuery {
+    topics: Option<String>,
+    last_event_id: Option<String>,
+    /// For browsers' EventSource, which cannot send headers. Never logged.
+    access_token: Option<String>,
+}
+
+fn position(field: &'static str, raw: &str) -> Result<i64, ApiError> {
+    raw.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|p| *p >= 0)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_last_event_id",
+                format!("{field} must be an event id (a non-negative integer)"),
+            )
+        })
+}
+
+pub async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    AppQuery(query): AppQuery<StreamQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let token = match bearer_token_from(&headers) {
+        Ok(token) => token.to_owned(),
+        Err(missing) => query.access_token.clone().ok_or(missing)?,
+    };
+    let auth = TenantAuth::<Viewer>::from_token(&state, &token).await?;
+    let tenant = auth.tenant_id;
+    let filter = TopicFilter::parse(query.topics.as_deref()).map_err(ApiError::query)?;
+    let last_id = match (headers.get("last-event-id"), query.last_event_id.as_deref()) {
+        (Some(header), _) => {
+            let raw = header
+                .to_str()
+                .map_err(|_| position("Last-Event-ID", "x").unwrap_err())?;
+            Some(position("Last-Event-ID", raw)?)
+        }
+        (None, Some(raw)) => Some(position("last_event_id", raw)?),
+        (None, None) => None,
+    };
+    record_tenant(tenant);
+
+    // Subscribe first: anything committed after this is seen live, anything before is in the log.
+    let subscription = state.events.hub().subscribe(tenant);
+    let mut tx = scope::begin(state.db.primary(), tenant).await?;
+    let head = events::head(&mut tx, tenant).await?;
+    let earliest = match last_id {
+        Some(_) => events::earliest(&mut tx, tenant).await?,
+        None => None,
+    };
+    scope::end_read(tx);
+    state.events.hub().expect(tenant, head + 1);
+
+    let (scanned, reset) = match last_id {
+        None => (head, None),
+        Some(last) if last > head => (
+            head,
+            Some(reset_data(
+                last,
+                earliest,
+                head,
+                "the id is ahead of this tenant's log",
+            )),
+        ),
+        Some(last) if last < head && earliest.is_none_or(|e| e > last + 1) => (
+            head,
+            Some(reset_data(
+                last,
+                earliest,
+                head,
+                "events after this id are past retention",
+            )),
+        ),
+        Some(last) => (last, None),
+    };
+    let stream = follow(state.clone(), tenant, filter, subscription, scanned, reset);
+    let keep_alive = KeepAlive::new()
+        .interval(state.config.events.heartbeat)
+        .text("heartbeat");
+    Ok(Sse::new(stream).keep_alive(keep_alive))
+}
+
+fn reset_data(last: i64, earliest: Option<i64>, head: i64, reason: &str) -> Value {
+    json!({
+        "reason": reason,
+        "last_event_id": last,
+        "earliest_available": earliest,
+        "resumes_after": head,
+    })
+}
+
+/// Counts a stream open for as long as it lives, and why it ended.
+struct Open {
+    reason: &'static str,
+}
+
+impl Open {
+    fn new() -> Self {
+        metrics::gauge!("sse_connections").increment(1.0);
+        Self {
+            reason: "client_closed",
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        metrics::gauge!("sse_connections").decrement(1.0);
+        metrics::counter!("sse_disconnects_total", "reason" => self.reason).increment(1);
+    }
+}
+
+fn sse_event(live: &Live) -> SseEvent {
+    SseEvent::default()
+        .id(live.position.to_string())
+        .event(&live.event_type)
+        .data(&live.json)
+}
+
+fn follow(
+    state: AppState,
+    tenant: TenantId,
+    filter: TopicFilter,
+    mut subscription: crate::events::hub::Subscription,
+    mut scanned: i64,
+    reset: Option<Value>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    async_stream::stream! {
+        let mut open = Open::new();
+        yield Ok(SseEvent::default().retry(RETRY));
+        if let Some(reset) = reset {
+            yield Ok(SseEvent::default().event("reset").data(reset.to_string()));
+        }
+        let mut reason = Some("replay");
+        let mut lag_catchups = 0u32;
+        loop {
+            if let Some(why) = reason.take() {
+                metrics::counter!("sse_catchups_total", "reason" => why).increment(1);
+                match catch_up(&state, tenant, &filter, scanned).await {
+                    Ok((events, upto)) => {
+                        for live in &events {
+                            metrics::counter!("sse_events_sent_total").increment(1);
+                            yield Ok(sse_event(live));
+                        }
+                        scanned = upto;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event stream could not read the log; closing it");
+                        open.reason = "log_unavailable";
+                        yield Ok(SseEvent::default().retry(RETRY));
+                        break;
+                    }
+                }
+            }
+            let received = tokio::select! {
+                biased;
+                _ = state.shutdown.cancelled() => {
+                    open.reason = "shutdown";
+                    yield Ok(SseEvent::default().retry(RETRY));
+                    break;
+                }
+                received = subscription.recv() => received,
+            };
+            match received {
+                Ok(live) if live.position <= scanned => {}
+                Ok(live) if live.position == scanned + 1 => {
+                    scanned = live.position;
+                    lag_catchups = 0;
+                    if filter.matches(&live.event_type) {
+                        if let Some(at) = live.published_at_us {
+                            let seconds = (now_us() - at).max(0) as f64 / 1e6;
+                            metrics::histogram!("event_delivery_seconds").record(seconds);
+                        }
+                        metrics::counter!("sse_events_sent_total").increment(1);
+                        yield Ok(sse_event(&live));
+                    }
+                }
+                Ok(_) => reason = Some("gap"),
+                Err(RecvError::Lagged(_)) => {
+                    lag_catchups += 1;
+                    if lag_catchups > MAX_LAG_CATCHUPS {
+                        open.reason = "slow_consumer";
+                        yield Ok(SseEvent::default().retry(RETRY));
+                        break;
+                    }
+                    reason = Some("lagged");
+                }
+                Err(RecvError::Closed) => break,
+            }
+        }
+    }
+}
+
+/// Reads every event after `after` up to the tenant's current head; returns those matching the
+/// filter and the head (the new `scanned`).
+async fn catch_up(
+    state: &AppState,
+    tenant: TenantId,
+    filter: &TopicFilter,
+    after: i64,
+) -> Result<(Vec<Arc<Live>>, i64), crate::db::DbError> {
+    let mut tx = scope::begin(state.db.primary(), tenant).await?;
+    let head = events::head(&mut tx, tenant).await?;
+    let mut out = Vec::new();
+    let mut cursor = after;
+    while cursor < head {
+        let page = events::page(&mut tx, tenant, cursor, head, filter, PAGE).await?;
+        out.extend(page.iter().map(|e| Arc::new(Live::new(e, None))));
+        match page.last() {
+            Some(last) if page.len() as i64 == PAGE => cursor = last.id,
+            _ => break,
+        }
+    }
+    scope::end_read(tx);
+    Ok((out, head.max(after)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    topics: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryCursor {
+    after: i64,
+}
+
+/// `GET /v1/events/history`: events after a position, oldest first, for clients that poll.
+#[tracing::instrument(skip_all)]
+pub async fn history(
+    auth: TenantAuth<Viewer>,
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<HistoryQuery>,
+) -> Result<Json<Page<Event>>, ApiError> {
+    let filter = TopicFilter::parse(query.topics.as_deref()).map_err(ApiError::query)?;
+    let limit = Limit::parse(query.limit.as_deref()).map_err(ApiError::query)?;
+    let after = match (
+        decode_cursor::<HistoryCursor>(query.cursor.as_deref()).map_err(ApiError::query)?,
+        &query.after,
+    ) {
+        (Some(cursor), _) => cursor.after,
+        (None, Some(raw)) => raw.parse::<i64>().ok().filter(|p| *p >= 0).ok_or_else(|| {
+            ApiError::query(ParseError::new(
+                "after",
+                "must be an event id (a non-negative integer)",
+            ))
+        })?,
+        (None, None) => 0,
+    };
+    let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
+    let rows = events::page(
+        &mut tx,
+        auth.tenant_id,
+        after,
+        i64::MAX,
+        &filter,
+        limit.fetch(),
+    )
+    .await?;
+    scope::end_read(tx);
+    let mut items = rows;
+    let next_cursor = if items.len() > limit.get() {
+        items.truncate(limit.get());
+        items
+            .last()
+            .map(|e| encode_cursor(&HistoryCursor { after: e.id }))
+    } else {
+        None
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
