@@ -178,10 +178,13 @@ async fn session(
             }
         };
         match serde_json::from_slice::<Message>(&delivery.data) {
-            Ok(message) => hub.offer(Arc::new(Live::new(
-                &message.event,
-                Some(message.published_at_us),
-            ))),
+            Ok(message) => {
+                metrics::counter!("event_broker_received_total").increment(1);
+                hub.offer(Arc::new(Live::new(
+                    &message.event,
+                    Some(message.published_at_us),
+                )));
+            }
             Err(e) => tracing::warn!(error = %e, "ignoring a malformed event broker message"),
         }
     }

@@ -110,4 +110,12 @@ pub fn describe_metrics() {
         "Times the hub read missing positions back from the log."
     );
     metrics::describe_counter!("events_pruned_total", "Events deleted by retention.");
+    metrics::describe_counter!(
+        "event_broker_received_total",
+        "Events received from the broker (RabbitMQ)."
+    );
+    metrics::describe_counter!(
+        "event_broker_disconnects_total",
+        "Times the broker connection was lost."
+    );
 }

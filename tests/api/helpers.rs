@@ -346,18 +346,25 @@ where
     }
 }
 
-/// A TCP forwarder between the app and PostgreSQL that a test can cut, to make the database
-/// unreachable the way a network partition or a stopped server does (refused and reset
+/// A TCP forwarder between the app and a service (PostgreSQL, RabbitMQ) that a test can cut, to
+/// make the service unreachable the way a network partition or a restart does (refused and reset
 /// connections), and then restore.
 pub struct DbProxy {
     pub port: u16,
+    target: String,
     cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     /// Connections accepted so far.
     pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl DbProxy {
+    /// A proxy to PostgreSQL.
     pub async fn start() -> Self {
+        Self::to(&pg_host()).await
+    }
+
+    /// A proxy to any `host:port`.
+    pub async fn to(target: &str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("proxy bind");
@@ -365,6 +372,7 @@ impl DbProxy {
         let (cut, _) = tokio::sync::watch::channel(false);
         let proxy = Self {
             port,
+            target: target.to_owned(),
             cut: std::sync::Arc::new(cut),
             accepted: Default::default(),
         };
@@ -376,7 +384,7 @@ impl DbProxy {
         let mut cut = self.cut.subscribe();
         let cut_sender = self.cut.clone();
         let accepted_count = self.accepted.clone();
-        let target = pg_host();
+        let target = self.target.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -419,4 +427,132 @@ impl DbProxy {
             self.port
         )
     }
+}
+
+/// One server-sent event frame (or a comment, such as a heartbeat).
+#[derive(Debug, Default, Clone)]
+pub struct SseFrame {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+    pub retry: Option<u64>,
+    pub comment: Option<String>,
+}
+
+impl SseFrame {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("frame data is not JSON ({e}): {self:?}"))
+    }
+
+    pub fn position(&self) -> i64 {
+        self.id
+            .as_deref()
+            .and_then(|i| i.parse().ok())
+            .unwrap_or_else(|| panic!("frame without id: {self:?}"))
+    }
+}
+
+/// A minimal SSE client over a reqwest response body.
+pub struct SseClient {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl SseClient {
+    /// Opens `/v1/events{query}`; panics unless the server answers 200 text/event-stream.
+    pub async fn open(app: &TestApp, query: &str, token: &str, last_event_id: Option<i64>) -> Self {
+        let mut req = app
+            .client
+            .get(app.url(&format!("/v1/events{query}")))
+            .bearer_auth(token);
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id.to_string());
+        }
+        Self::from_response(req.send().await.expect("stream request")).await
+    }
+
+    pub async fn from_response(res: reqwest::Response) -> Self {
+        assert_eq!(
+            res.status(),
+            StatusCode::OK,
+            "stream refused: {:?}",
+            res.text().await.ok()
+        );
+        let content_type = res.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        Self {
+            body: Box::pin(res.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next frame, or `None` when the server ended the stream. Fails after `deadline`.
+    pub async fn frame(&mut self, deadline: Duration) -> Option<SseFrame> {
+        use futures::StreamExt;
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let raw: String = self.buffer.drain(..end + 2).collect();
+                return Some(parse_frame(&raw));
+            }
+            match tokio::time::timeout_at(until, self.body.next()).await {
+                Err(_) => panic!(
+                    "no SSE frame within {deadline:?}; buffered: {:?}",
+                    self.buffer
+                ),
+                Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+            }
+        }
+    }
+
+    /// The next frame carrying an event (skips comments and bare retry hints).
+    pub async fn event(&mut self, deadline: Duration) -> Option<SseFrame> {
+        loop {
+            let frame = self.frame(deadline).await?;
+            if frame.id.is_some() || frame.event.is_some() {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// Collects events until `n` have arrived (or the stream ends).
+    pub async fn events(&mut self, n: usize, deadline: Duration) -> Vec<SseFrame> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.event(deadline).await {
+                Some(f) => out.push(f),
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+fn parse_frame(raw: &str) -> SseFrame {
+    let mut frame = SseFrame::default();
+    let mut data = Vec::new();
+    for line in raw.lines() {
+        if let Some(comment) = line.strip_prefix(':') {
+            frame.comment = Some(comment.trim().to_owned());
+            continue;
+        }
+        let (field, value) = line
+            .split_once(':')
+            .map(|(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)))
+            .unwrap_or((line, ""));
+        match field {
+            "id" => frame.id = Some(value.to_owned()),
+            "event" => frame.event = Some(value.to_owned()),
+            "data" => data.push(value.to_owned()),
+            "retry" => frame.retry = value.parse().ok(),
+            _ => {}
+        }
+    }
+    frame.data = data.join("\n");
+    frame
 }

@@ -3,6 +3,7 @@
 
 mod auth;
 mod cli;
+mod events;
 mod health;
 mod helpers;
 mod isolation;
