@@ -14,6 +14,16 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// hyper's buffers per connection (request head read, response write queue). A response body that
+/// the client does not take (a stalled event stream) waits in here at most.
+const MAX_BUFFER: usize = 64 * 1024;
+/// The kernel's send buffer per connection. Fixed rather than auto-tuned (which grows to
+/// megabytes), so a client that stops reading pins a known amount of memory; ample behind a load
+/// balancer on the same network.
+const SEND_BUFFER: usize = 128 * 1024;
+/// A peer that acknowledges nothing for this long (gone, or stalled with a full window) is
+/// dropped by the kernel; its event stream resumes from its last id when it comes back.
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How shutdown proceeds once `shutdown` is cancelled.
 pub struct Drain {
@@ -35,7 +45,8 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_BUFFER);
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let stop_accepting = async {
@@ -49,8 +60,7 @@ pub async fn serve(
             () = &mut stop_accepting => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    // Small responses should leave at once, not wait on Nagle's algorithm.
-                    let _ = stream.set_nodelay(true);
+                    bound_socket(&stream);
                     let service = TowerToHyperService::new(router.clone());
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection);
@@ -87,4 +97,13 @@ pub async fn serve(
         }
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// Per-connection socket settings; a failure only loses an optimisation, never the connection.
+fn bound_socket(stream: &tokio::net::TcpStream) {
+    // Small responses should leave at once, not wait on Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
+    let _ = socket.set_send_buffer_size(SEND_BUFFER);
+    let _ = socket.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
