@@ -38,6 +38,24 @@ if ! psql "$PG_SUPERUSER_URL" -qAtX -c 'select 1' >/dev/null 2>&1; then
   psql "$PG_SUPERUSER_URL" -qAtX -c 'select 1' >/dev/null
 fi
 
+# --- RabbitMQ (the event fan-out tests) --------------------------------------------------------
+amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! amqp_up; then
+  if ! command -v rabbitmq-server >/dev/null; then
+    log "installing rabbitmq-server"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null
+  fi
+  log "starting RabbitMQ"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 120); do
+    amqp_up && break
+    sleep 0.5
+  done
+  amqp_up || { echo "RabbitMQ did not start on 127.0.0.1:5672" >&2; exit 1; }
+fi
+
 log "database roles"
 bash scripts/db-setup.sh
 

@@ -171,6 +171,9 @@ impl Config {
             retention: src.duration("EVENT_RETENTION", Duration::from_secs(30 * 24 * 3600))?,
             buffer: src.number("SSE_BUFFER", 1024, 16..=1_000_000)?,
         };
+        if events.retention < Duration::from_secs(60) {
+            return Err(ConfigError::new("EVENT_RETENTION", "must be at least 1m"));
+        }
         if events.heartbeat.is_zero() {
             return Err(ConfigError::new(
                 "SSE_HEARTBEAT",

@@ -43,6 +43,25 @@ impl EventType {
         Ok(Self(raw.to_owned()))
     }
 
+    /// Namespaces the platform writes itself; clients may not publish into them, so nothing a
+    /// client sends can pass for a platform event (or for a stream's `reset` frame).
+    pub const RESERVED: &'static [&'static str] = &[
+        "system",
+        "episode",
+        "policy",
+        "job",
+        "artifact",
+        "reflection",
+        "webhook",
+        "telegram",
+        "reset",
+    ];
+
+    pub fn is_reserved(&self) -> bool {
+        let root = self.0.split('.').next().unwrap_or_default();
+        Self::RESERVED.contains(&root)
+    }
+
     /// One of the platform's own types, known to be well formed.
     pub fn platform(name: &'static str) -> Self {
         debug_assert!(

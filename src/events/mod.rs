@@ -69,8 +69,9 @@ impl EventBus {
                 .increment(1);
             let live = Arc::new(Live::new(event, Some(now_us())));
             self.hub.offer(live.clone());
-            if let Some(broker) = &self.broker {
-                broker.publish(&live).await;
+            if let Some(broker) = self.broker.clone() {
+                // Off the request's path: a slow broker never delays the answer to a write.
+                tokio::spawn(async move { broker.publish(&live).await });
             }
         }
     }

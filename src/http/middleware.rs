@@ -9,7 +9,7 @@
 //! 5. `CatchPanic`: a panicking handler answers 500 (made problem+json by 4) instead of
 //!    dropping the connection.
 //! 6. `DefaultBodyLimit`: bodies over HTTP_MAX_BODY_BYTES are refused with 413.
-//! 7. `Timeout`, on the `/v1` routes only (streams will be exempt): 503 when a handler overruns.
+//! 7. `Timeout`, on the `/v1` routes except the event stream: 503 when a handler overruns.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;

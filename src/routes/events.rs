@@ -61,6 +61,12 @@ pub async fn publish(
     AppJson(body): AppJson<Publish>,
 ) -> Result<(StatusCode, Json<Event>), ApiError> {
     let event_type = EventType::parse(&body.event_type).map_err(ApiError::validation)?;
+    if event_type.is_reserved() {
+        return Err(ApiError::validation(ParseError::new(
+            "type",
+            "this namespace belongs to the platform's own events; choose another",
+        )));
+    }
     let size = serde_json::to_vec(&body.data)
         .map(|b| b.len())
         .unwrap_or(usize::MAX);
@@ -158,7 +164,18 @@ pub async fn stream(
         ),
         Some(last) => (last, None),
     };
-    let stream = follow(state.clone(), tenant, filter, subscription, scanned, reset);
+    let key_hash = crate::domain::api_key::hash_secret(&token);
+    let stream = follow(
+        state.clone(),
+        Follow {
+            tenant,
+            filter,
+            key_hash,
+        },
+        subscription,
+        scanned,
+        reset,
+    );
     let keep_alive = KeepAlive::new()
         .interval(state.config.events.heartbeat)
         .text("heartbeat");
@@ -202,47 +219,102 @@ fn sse_event(live: &Live) -> SseEvent {
         .data(&live.json)
 }
 
-fn follow(
-    state: AppState,
+/// What a stream follows, and with whose key.
+struct Follow {
     tenant: TenantId,
     filter: TopicFilter,
+    /// The key is checked again every heartbeat interval: a revoked key ends its streams.
+    key_hash: [u8; 32],
+}
+
+fn follow(
+    state: AppState,
+    follow: Follow,
     mut subscription: crate::events::hub::Subscription,
     mut scanned: i64,
     reset: Option<Value>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let Follow {
+        tenant,
+        filter,
+        key_hash,
+    } = follow;
     async_stream::stream! {
         let mut open = Open::new();
-        yield Ok(SseEvent::default().retry(RETRY));
+        // Every frame that is not an event still carries the position reached, so a client that
+        // reconnects before its first event resumes from here rather than from the live end.
+        yield Ok(SseEvent::default().id(scanned.to_string()).retry(RETRY));
         if let Some(reset) = reset {
-            yield Ok(SseEvent::default().event("reset").data(reset.to_string()));
+            yield Ok(SseEvent::default().id(scanned.to_string()).event("reset").data(reset.to_string()));
         }
+        // Streams end when the listener stops accepting (after the readiness delay), with a
+        // final retry hint so clients come back through the load balancer to another replica.
+        let stop = {
+            let shutdown = state.shutdown.clone();
+            let delay = state.config.shutdown.readiness_delay;
+            async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(delay).await;
+            }
+        };
+        tokio::pin!(stop);
+        let mut recheck = tokio::time::interval(state.config.events.heartbeat);
+        recheck.tick().await;
         let mut reason = Some("replay");
         let mut lag_catchups = 0u32;
-        loop {
+        'stream: loop {
             if let Some(why) = reason.take() {
                 metrics::counter!("sse_catchups_total", "reason" => why).increment(1);
-                match catch_up(&state, tenant, &filter, scanned).await {
-                    Ok((events, upto)) => {
-                        for live in &events {
-                            metrics::counter!("sse_events_sent_total").increment(1);
-                            yield Ok(sse_event(live));
-                        }
-                        scanned = upto;
-                    }
+                let upto = match read_head(&state, tenant).await {
+                    Ok(head) => head,
                     Err(e) => {
                         tracing::warn!(error = %e, "event stream could not read the log; closing it");
                         open.reason = "log_unavailable";
                         yield Ok(SseEvent::default().retry(RETRY));
                         break;
                     }
+                };
+                // Page by page, each page its own short transaction: a slow client never holds
+                // a transaction open, and memory stays at one page.
+                while scanned < upto {
+                    match catch_up_page(&state, tenant, &filter, scanned, upto).await {
+                        Ok(CatchUp::Events(events, reached)) => {
+                            for live in &events {
+                                metrics::counter!("sse_events_sent_total").increment(1);
+                                yield Ok(sse_event(live));
+                            }
+                            scanned = reached;
+                        }
+                        Ok(CatchUp::Pruned { earliest }) => {
+                            // Retention overtook this reader: say so, and go on from what is kept.
+                            let data = reset_data(scanned, Some(earliest), upto, "events after this id were pruned during replay");
+                            yield Ok(SseEvent::default().id((earliest - 1).to_string()).event("reset").data(data.to_string()));
+                            scanned = earliest - 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "event stream could not read the log; closing it");
+                            open.reason = "log_unavailable";
+                            yield Ok(SseEvent::default().retry(RETRY));
+                            break 'stream;
+                        }
+                    }
                 }
             }
             let received = tokio::select! {
                 biased;
-                _ = state.shutdown.cancelled() => {
+                () = &mut stop => {
                     open.reason = "shutdown";
                     yield Ok(SseEvent::default().retry(RETRY));
                     break;
+                }
+                _ = recheck.tick() => {
+                    match state.keys.authenticate(state.db.primary(), &key_hash).await {
+                        Ok(Some(_)) | Err(_) => continue,
+                        Ok(None) => {
+                            open.reason = "key_revoked";
+                            break;
+                        }
+                    }
                 }
                 received = subscription.recv() => received,
             };
@@ -276,28 +348,45 @@ fn follow(
     }
 }
 
-/// Reads every event after `after` up to the tenant's current head; returns those matching the
-/// filter and the head (the new `scanned`).
-async fn catch_up(
+async fn read_head(state: &AppState, tenant: TenantId) -> Result<i64, crate::db::DbError> {
+    let mut tx = scope::begin(state.db.primary(), tenant).await?;
+    let head = events::head(&mut tx, tenant).await?;
+    scope::end_read(tx);
+    Ok(head)
+}
+
+enum CatchUp {
+    /// Matching events after the cursor, and the position the page reached.
+    Events(Vec<Arc<Live>>, i64),
+    /// Events right after the cursor are gone; the log now starts at `earliest`.
+    Pruned { earliest: i64 },
+}
+
+/// One page of the log after `after` (up to `upto`): the matching events and how far it reached.
+async fn catch_up_page(
     state: &AppState,
     tenant: TenantId,
     filter: &TopicFilter,
     after: i64,
-) -> Result<(Vec<Arc<Live>>, i64), crate::db::DbError> {
+    upto: i64,
+) -> Result<CatchUp, crate::db::DbError> {
     let mut tx = scope::begin(state.db.primary(), tenant).await?;
-    let head = events::head(&mut tx, tenant).await?;
-    let mut out = Vec::new();
-    let mut cursor = after;
-    while cursor < head {
-        let page = events::page(&mut tx, tenant, cursor, head, filter, PAGE).await?;
-        out.extend(page.iter().map(|e| Arc::new(Live::new(e, None))));
-        match page.last() {
-            Some(last) if page.len() as i64 == PAGE => cursor = last.id,
-            _ => break,
-        }
+    if let Some(earliest) = events::earliest(&mut tx, tenant).await?
+        && earliest > after + 1
+    {
+        scope::end_read(tx);
+        return Ok(CatchUp::Pruned { earliest });
     }
+    let page = events::page(&mut tx, tenant, after, upto, filter, PAGE).await?;
     scope::end_read(tx);
-    Ok((out, head.max(after)))
+    let reached = match page.last() {
+        Some(last) if page.len() as i64 == PAGE => last.id,
+        _ => upto,
+    };
+    Ok(CatchUp::Events(
+        page.iter().map(|e| Arc::new(Live::new(e, None))).collect(),
+        reached,
+    ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -46,6 +46,11 @@ async fn a_stream_delivers_matching_events_live_with_positions_as_ids() {
     let mut stream = SseClient::open(&app, "?topics=system.state,episode.*", &t.viewer, None).await;
     let hint = stream.frame(WAIT).await.unwrap();
     assert_eq!(hint.retry, Some(1000), "a retry hint comes first: {hint:?}");
+    assert_eq!(
+        hint.id.as_deref(),
+        Some("0"),
+        "carrying the position reached: {hint:?}"
+    );
 
     expect_json(
         app.put(
@@ -403,7 +408,15 @@ async fn streams_end_promptly_on_shutdown_with_a_retry_hint() {
 async fn publishing_validates_type_size_and_role_and_history_pages() {
     let app = TestApp::spawn().await;
     let t = app.tenant("acme").await;
-    for bad in ["Bad.Type", "a..b", "", "x".repeat(101).as_str()] {
+    for bad in [
+        "Bad.Type",
+        "a..b",
+        "",
+        "x".repeat(101).as_str(),
+        "system.state",
+        "reset",
+        "policy.violated",
+    ] {
         let res = app
             .post("/v1/events", &t.operator, json!({"type": bad, "data": {}}))
             .await;
@@ -603,4 +616,27 @@ async fn a_broker_outage_loses_nothing() {
         5,
         "no gap and no duplicate across the outage"
     );
+}
+
+#[tokio::test]
+async fn revoking_a_key_ends_its_open_streams() {
+    let app = TestApp::spawn_with(Options::default().env("SSE_HEARTBEAT", "200ms")).await;
+    let t = app.tenant("acme").await;
+    let mut stream = SseClient::open(&app, "", &t.viewer, None).await;
+    stream.frame(WAIT).await.unwrap();
+    let keys = expect_json(app.get("/v1/api-keys", &t.admin).await, StatusCode::OK).await;
+    let viewer = keys["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["role"] == "viewer")
+        .unwrap();
+    let res = app
+        .delete(
+            &format!("/v1/api-keys/{}", viewer["id"].as_str().unwrap()),
+            &t.admin,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    while stream.frame(WAIT).await.is_some() {}
 }

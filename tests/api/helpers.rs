@@ -510,11 +510,11 @@ impl SseClient {
         }
     }
 
-    /// The next frame carrying an event (skips comments and bare retry hints).
+    /// The next frame carrying an event (skips comments and retry hints, even those with an id).
     pub async fn event(&mut self, deadline: Duration) -> Option<SseFrame> {
         loop {
             let frame = self.frame(deadline).await?;
-            if frame.id.is_some() || frame.event.is_some() {
+            if frame.event.is_some() || !frame.data.is_empty() {
                 return Some(frame);
             }
         }
