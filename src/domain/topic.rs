@@ -7,7 +7,7 @@ const MAX_PATTERNS: usize = 50;
 
 /// Which event types a subscriber wants: exact names, `prefix.*` patterns, or everything (`*`,
 /// or no filter at all).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct TopicFilter {
     all: bool,
     exact: Vec<String>,

@@ -1,12 +1,16 @@
 //! In-process fan-out of each tenant's committed events, in position order.
 //!
-//! Every tenant with local subscribers has a feed: one broadcast ring shared by all of them (so a
-//! connection costs a receiver, not a queue) and the next position it expects. Events arrive from
-//! this process's commits and from the broker, possibly out of order or twice; the feed passes
-//! each position on exactly once and in order. When a position is missing, the hub holds later
-//! ones back and reads the missing ones from the log, once for the whole process. A poll of head
-//! positions every second notices events the broker never delivered. Subscribers that fall
-//! behind the ring are told so (`Lagged`) and catch up from the log themselves.
+//! Every tenant with local subscribers has a feed: the next position it expects, and one group
+//! per distinct topic filter, each a broadcast ring shared by that group's subscribers (so a
+//! connection costs a receiver, not a queue, and an event wakes only the streams that want it).
+//! Events arrive from this process's commits and from the broker, possibly out of order or twice;
+//! the feed examines each position exactly once and in order, and sends it to the groups whose
+//! filter matches. Each delivery names the group's previous delivery (`after`): every position in
+//! between was examined and did not match, so a subscriber that has seen `after` has missed
+//! nothing. When a position is missing, the hub holds later ones back and reads the missing ones
+//! from the log, once for the whole process. A poll of head positions every second notices events
+//! the broker never delivered. Subscribers that fall behind their ring are told so (`Lagged`) and
+//! catch up from the log themselves.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,23 +36,39 @@ pub struct Hub {
 }
 
 struct Feed {
-    tx: broadcast::Sender<Arc<Live>>,
-    /// The next position to pass on; `None` until a subscriber or an event sets the baseline.
+    groups: HashMap<TopicFilter, Group>,
+    /// The next position to examine; `None` until a subscriber or an event sets the baseline.
     next: Option<i64>,
     /// Positions that arrived ahead of `next`, held until the gap is filled.
     pending: BTreeMap<i64, Arc<Live>>,
     filling: bool,
 }
 
-/// A subscriber's end of a tenant feed; the feed goes away with its last subscriber.
+/// The subscribers of one tenant sharing one topic filter.
+struct Group {
+    tx: broadcast::Sender<Delivery>,
+    /// The last position sent to this group, or up to which positions are accounted for; `None`
+    /// when unknown (the feed skipped a gap), which makes the next delivery a gap for receivers.
+    last: Option<i64>,
+}
+
+/// An event for a group, with the group's previous delivery: positions in between did not match.
+#[derive(Clone)]
+pub struct Delivery {
+    pub after: Option<i64>,
+    pub live: Arc<Live>,
+}
+
+/// A subscriber's end of a tenant feed; its group, and the feed, go away with the last subscriber.
 pub struct Subscription {
-    rx: Option<broadcast::Receiver<Arc<Live>>>,
+    rx: Option<broadcast::Receiver<Delivery>>,
     tenant: Uuid,
+    filter: TopicFilter,
     hub: Arc<Hub>,
 }
 
 impl Subscription {
-    pub async fn recv(&mut self) -> Result<Arc<Live>, broadcast::error::RecvError> {
+    pub async fn recv(&mut self) -> Result<Delivery, broadcast::error::RecvError> {
         match self.rx.as_mut() {
             Some(rx) => rx.recv().await,
             None => Err(broadcast::error::RecvError::Closed),
@@ -60,10 +80,17 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         drop(self.rx.take());
         let mut feeds = self.hub.lock();
-        if feeds
-            .get(&self.tenant)
-            .is_some_and(|f| f.tx.receiver_count() == 0)
+        let Some(feed) = feeds.get_mut(&self.tenant) else {
+            return;
+        };
+        if feed
+            .groups
+            .get(&self.filter)
+            .is_some_and(|g| g.tx.receiver_count() == 0)
         {
+            feed.groups.remove(&self.filter);
+        }
+        if feed.groups.is_empty() {
             feeds.remove(&self.tenant);
         }
     }
@@ -85,19 +112,27 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Subscribes to a tenant's live events. Subscribe first, then read the log up to its head,
-    /// then call [`Hub::expect`]: nothing committed in between is missed.
-    pub fn subscribe(self: &Arc<Self>, tenant: TenantId) -> Subscription {
+    /// Subscribes to a tenant's live events matching `filter`. Subscribe first, then read the log
+    /// up to its head, then call [`Hub::expect`]: nothing committed in between is missed.
+    pub fn subscribe(self: &Arc<Self>, tenant: TenantId, filter: &TopicFilter) -> Subscription {
         let mut feeds = self.lock();
         let feed = feeds.entry(tenant.as_uuid()).or_insert_with(|| Feed {
-            tx: broadcast::channel(self.capacity).0,
+            groups: HashMap::new(),
             next: None,
             pending: BTreeMap::new(),
             filling: false,
         });
+        let next = feed.next;
+        let group = feed.groups.entry(filter.clone()).or_insert_with(|| Group {
+            tx: broadcast::channel(self.capacity).0,
+            // Everything before the feed's next position was examined before this group existed;
+            // its subscribers read that part of the log themselves.
+            last: next.map(|n| n - 1),
+        });
         Subscription {
-            rx: Some(feed.tx.subscribe()),
+            rx: Some(group.tx.subscribe()),
             tenant: tenant.as_uuid(),
+            filter: filter.clone(),
             hub: self.clone(),
         }
     }
@@ -108,6 +143,9 @@ impl Hub {
             && feed.next.is_none()
         {
             feed.next = Some(next);
+            for group in feed.groups.values_mut() {
+                group.last.get_or_insert(next - 1);
+            }
         }
     }
 
@@ -122,11 +160,11 @@ impl Hub {
         match feed.next {
             None => {
                 feed.next = Some(position + 1);
-                let _ = feed.tx.send(live);
+                feed.send(live);
             }
             Some(next) if position < next => {}
             Some(next) if position == next => {
-                let _ = feed.tx.send(live);
+                feed.send(live);
                 feed.next = Some(next + 1);
                 feed.release_pending();
             }
@@ -137,7 +175,7 @@ impl Hub {
                     // subscriber fill the hole from the log.
                     tracing::warn!(%tenant, "event hub skipping a gap it could not fill");
                     if let Some((&first, _)) = feed.pending.first_key_value() {
-                        feed.next = Some(first);
+                        feed.skip_to(first);
                     }
                     feed.release_pending();
                 } else if !feed.filling {
@@ -162,7 +200,7 @@ impl Hub {
                 Ok(events) => {
                     for live in events {
                         if Some(live.position) == feed.next {
-                            let _ = feed.tx.send(live);
+                            feed.send(live);
                             feed.next = feed.next.map(|n| n + 1);
                             feed.release_pending();
                         }
@@ -177,7 +215,7 @@ impl Hub {
             if let (Some(next), Some((&first, _))) = (feed.next, feed.pending.first_key_value())
                 && first > next
             {
-                feed.next = Some(first);
+                feed.skip_to(first);
                 feed.release_pending();
             }
         });
@@ -249,11 +287,32 @@ impl Hub {
 }
 
 impl Feed {
+    /// Passes the next position on to every group whose filter it matches.
+    fn send(&mut self, live: Arc<Live>) {
+        for (filter, group) in &mut self.groups {
+            if filter.matches(&live.event_type) {
+                let _ = group.tx.send(Delivery {
+                    after: group.last,
+                    live: live.clone(),
+                });
+                group.last = Some(live.position);
+            }
+        }
+    }
+
+    /// Jumps over positions that were never examined: no group can vouch for them any more.
+    fn skip_to(&mut self, position: i64) {
+        self.next = Some(position);
+        for group in self.groups.values_mut() {
+            group.last = None;
+        }
+    }
+
     fn release_pending(&mut self) {
         while let Some(next) = self.next
             && let Some(live) = self.pending.remove(&next)
         {
-            let _ = self.tx.send(live);
+            self.send(live);
             self.next = Some(next + 1);
         }
         if let Some(next) = self.next {

@@ -3,8 +3,9 @@
 //!
 //! A stream subscribes to the hub before it reads the log, reads the log up to its head, then
 //! follows the hub. It keeps `scanned`, the position up to which it has considered every event:
-//! a live event at `scanned + 1` is sent at once; one further ahead, or a `Lagged` from the hub's
-//! ring, means events were skipped, and the stream reads them from the log before going on.
+//! a delivery whose predecessor for this filter (`after`) it has already considered is sent at
+//! once; any other, or a `Lagged` from the hub's ring, means events were skipped, and the stream
+//! reads them from the log before going on.
 //! Positions are contiguous per tenant, so this yields every event exactly once and in order.
 
 use std::convert::Infallible;
@@ -28,6 +29,7 @@ use crate::domain::event_type::EventType;
 use crate::domain::pagination::{Limit, decode_cursor, encode_cursor};
 use crate::domain::tenant::TenantId;
 use crate::domain::topic::TopicFilter;
+use crate::events::hub::Delivery;
 use crate::events::{Live, now_us};
 use crate::http::error::ApiError;
 use crate::http::extract::{AppJson, AppQuery, Operator, TenantAuth, Viewer, bearer_token_from};
@@ -132,7 +134,7 @@ pub async fn stream(
     record_tenant(tenant);
 
     // Subscribe first: anything committed after this is seen live, anything before is in the log.
-    let subscription = state.events.hub().subscribe(tenant);
+    let subscription = state.events.hub().subscribe(tenant, &filter);
     let mut tx = scope::begin(state.db.primary(), tenant).await?;
     let head = events::head(&mut tx, tenant).await?;
     let earliest = match last_id {
@@ -319,18 +321,17 @@ fn follow(
                 received = subscription.recv() => received,
             };
             match received {
-                Ok(live) if live.position <= scanned => {}
-                Ok(live) if live.position == scanned + 1 => {
+                Ok(delivery) if delivery.live.position <= scanned => {}
+                // The hub examined every position since `after` for this filter: none matched.
+                Ok(Delivery { after: Some(after), live }) if after <= scanned => {
                     scanned = live.position;
                     lag_catchups = 0;
-                    if filter.matches(&live.event_type) {
-                        if let Some(at) = live.published_at_us {
-                            let seconds = (now_us() - at).max(0) as f64 / 1e6;
-                            metrics::histogram!("event_delivery_seconds").record(seconds);
-                        }
-                        metrics::counter!("sse_events_sent_total").increment(1);
-                        yield Ok(sse_event(&live));
+                    if let Some(at) = live.published_at_us {
+                        let seconds = (now_us() - at).max(0) as f64 / 1e6;
+                        metrics::histogram!("event_delivery_seconds").record(seconds);
                     }
+                    metrics::counter!("sse_events_sent_total").increment(1);
+                    yield Ok(sse_event(&live));
                 }
                 Ok(_) => reason = Some("gap"),
                 Err(RecvError::Lagged(_)) => {
