@@ -267,7 +267,9 @@ fn follow(
         'stream: loop {
             if let Some(why) = reason.take() {
                 metrics::counter!("sse_catchups_total", "reason" => why).increment(1);
-                let upto = match read_head(&state, tenant).await {
+                // Boxed: a database future is large and lives only while it runs; the stream's own state,
+                // resident for the whole connection, stays small.
+                let upto = match Box::pin(read_head(&state, tenant)).await {
                     Ok(head) => head,
                     Err(e) => {
                         tracing::warn!(error = %e, "event stream could not read the log; closing it");
@@ -279,7 +281,7 @@ fn follow(
                 // Page by page, each page its own short transaction: a slow client never holds
                 // a transaction open, and memory stays at one page.
                 while scanned < upto {
-                    match catch_up_page(&state, tenant, &filter, scanned, upto).await {
+                    match Box::pin(catch_up_page(&state, tenant, &filter, scanned, upto)).await {
                         Ok(CatchUp::Events(events, reached)) => {
                             for live in &events {
                                 metrics::counter!("sse_events_sent_total").increment(1);
@@ -310,7 +312,7 @@ fn follow(
                     break;
                 }
                 _ = recheck.tick() => {
-                    match state.keys.authenticate(state.db.primary(), &key_hash).await {
+                    match Box::pin(state.keys.authenticate(state.db.primary(), &key_hash)).await {
                         Ok(Some(_)) | Err(_) => continue,
                         Ok(None) => {
                             open.reason = "key_revoked";
