@@ -42,13 +42,7 @@ async fn readiness_fails_while_the_database_is_unreachable_and_recovers() {
 
     proxy.cut();
     eventually(Duration::from_secs(15), "readiness to fail", || async {
-        let res = app
-            .client
-            .get(app.url("/health/ready"))
-            .send()
-            .await
-            .unwrap();
-        res.status() == StatusCode::SERVICE_UNAVAILABLE
+        ready_status(&app).await == StatusCode::SERVICE_UNAVAILABLE
     })
     .await;
     let res = app
@@ -77,16 +71,19 @@ async fn readiness_fails_while_the_database_is_unreachable_and_recovers() {
 
     proxy.restore().await;
     eventually(Duration::from_secs(15), "readiness to recover", || async {
-        let res = app
-            .client
-            .get(app.url("/health/ready"))
-            .send()
-            .await
-            .unwrap();
-        res.status() == StatusCode::OK
+        ready_status(&app).await == StatusCode::OK
     })
     .await;
     expect_json(app.get("/v1/systems", &t.viewer).await, StatusCode::OK).await;
+}
+
+async fn ready_status(app: &TestApp) -> StatusCode {
+    app.client
+        .get(app.url("/health/ready"))
+        .send()
+        .await
+        .unwrap()
+        .status()
 }
 
 /// A state write that is in flight: it waits on the version lock of `system`, which the returned
