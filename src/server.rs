@@ -1,6 +1,9 @@
 //! The accept loop. Hand-written rather than `axum::serve` because shutdown must be bounded:
 //! every connection task lives in a `JoinSet`, so requests still running at the drain deadline
-//! are cancelled (their transactions roll back) instead of outliving the server.
+//! are cancelled (their transactions roll back) instead of outliving the server. Connections
+//! that open with an event-stream request are served by [`event_stream`]; all others by hyper.
+
+mod event_stream;
 
 use std::time::Duration;
 
@@ -48,6 +51,8 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_BUFFER);
     let graceful = GracefulShutdown::new();
+    // Cancelled once the listener stops: connections that have not sent a request yet close.
+    let closing = CancellationToken::new();
     let mut connections = JoinSet::new();
     let stop_accepting = async {
         shutdown.cancelled().await;
@@ -61,12 +66,23 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     bound_socket(&stream);
-                    let service = TowerToHyperService::new(router.clone());
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection);
+                    let router = router.clone();
+                    let builder = builder.clone();
+                    let watcher = graceful.watcher();
+                    let closing = closing.clone();
                     connections.spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::debug!(error = %e, "connection ended with an error");
+                        match event_stream::opening(&stream, HEADER_READ_TIMEOUT, &closing).await {
+                            event_stream::Opening::EventStream => {
+                                event_stream::serve(stream, router, HEADER_READ_TIMEOUT).await;
+                            }
+                            event_stream::Opening::Other => {
+                                let service = TowerToHyperService::new(router);
+                                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                                if let Err(e) = watcher.watch(connection).await {
+                                    tracing::debug!(error = %e, "connection ended with an error");
+                                }
+                            }
+                            event_stream::Opening::Nothing => {}
                         }
                     });
                 }
@@ -84,19 +100,24 @@ pub async fn serve(
         }
     }
     drop(listener);
+    closing.cancel();
     tracing::info!(
         open = connections.len(),
         "no longer accepting connections; draining"
     );
 
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(drain.timeout) => {
-            tracing::warn!(timeout = ?drain.timeout, open = connections.len(), "drain timeout reached; cancelling remaining requests");
-            connections.abort_all();
-        }
+    // hyper's connections finish their request in flight and close; event streams end by
+    // themselves (they follow the same shutdown signal). Whatever is left at the deadline is cut.
+    let drained = tokio::time::timeout(drain.timeout, async {
+        graceful.shutdown().await;
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?drain.timeout, open = connections.len(), "drain timeout reached; cancelling remaining requests");
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
-    while connections.join_next().await.is_some() {}
 }
 
 /// Per-connection socket settings; a failure only loses an optimisation, never the connection.

@@ -13,7 +13,8 @@
 # spread over 127.0.0.1-4, each event carrying its publish time, so every delivery is timed.
 #
 # Environment: CONNECTIONS (10000), DURATION seconds per load scenario (20),
-#   NCHAN_CONF (default ../shared/peers/nchan/nginx.conf beside the repository).
+#   NCHAN_CONF (default ../shared/peers/nchan/nginx.conf beside the repository),
+#   SCENARIOS and TARGETS (space-separated subsets, for a quick look at one scenario).
 # Needs: nginx-light + libnginx-mod-nchan (installed if missing), PostgreSQL as for the tests.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -24,6 +25,12 @@ write=0
 connections=${CONNECTIONS:-10000}
 duration=${DURATION:-20}
 nchan_conf=${NCHAN_CONF:-$root/../shared/peers/nchan/nginx.conf}
+# Published results come from the full run; these narrow a run while working on one scenario.
+scenarios=${SCENARIOS:-idle topics-10k topics-50k broadcast storm}
+targets=${TARGETS:-cybernetic nchan}
+if ((write)) && [[ -n ${SCENARIOS:-}${TARGETS:-} ]]; then
+  echo "bench: --write records the full run; unset SCENARIOS and TARGETS" >&2; exit 1
+fi
 ulimit -n "$(ulimit -Hn)"
 (( $(ulimit -n) > connections + 1000 )) || { echo "bench: ulimit -n $(ulimit -n) is too low for $connections connections" >&2; exit 1; }
 
@@ -78,12 +85,13 @@ run() { # target scenario args...
   echo "{\"target\":\"$target\",\"scenario\":\"$scenario\",\"result\":$out}" >>"$work/results.jsonl"
   sleep 3 # let the closed connections drain before the next scenario
 }
-for target in cybernetic nchan; do
-  run "$target" idle --topics 100 --rate 0 --seconds 0
-  run "$target" topics-10k --topics 100 --rate 100 --seconds "$duration"
-  run "$target" topics-50k --topics 100 --rate 500 --seconds "$duration"
-  run "$target" broadcast --topics 1 --rate 10 --seconds "$duration"
-  run "$target" storm --topics 1 --storm 20 --rate 0 --seconds 0
+wanted() { [[ " $scenarios " == *" $1 "* ]]; }
+for target in $targets; do
+  if wanted idle; then run "$target" idle --topics 100 --rate 0 --seconds 0; fi
+  if wanted topics-10k; then run "$target" topics-10k --topics 100 --rate 100 --seconds "$duration"; fi
+  if wanted topics-50k; then run "$target" topics-50k --topics 100 --rate 500 --seconds "$duration"; fi
+  if wanted broadcast; then run "$target" broadcast --topics 1 --rate 10 --seconds "$duration"; fi
+  if wanted storm; then run "$target" storm --topics 1 --storm 20 --rate 0 --seconds 0; fi
 done
 
 table=$(python3 - "$work/results.jsonl" <<'PY'

@@ -11,7 +11,7 @@ use crate::domain::event_type::EventType;
 use crate::domain::tenant::TenantId;
 use crate::domain::topic::TopicFilter;
 
-use super::DbResult;
+use super::{DbError, DbResult};
 
 /// An event as clients see it: `id` is its position in the tenant's log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
@@ -35,27 +35,66 @@ pub async fn append(
     event_type: &EventType,
     data: &Value,
 ) -> DbResult<Event> {
-    let (position, occurred_at): (i64, DateTime<Utc>) = sqlx::query_as(
+    let mut appended = append_many(conn, tenant, &[(event_type.clone(), data.clone())]).await?;
+    appended
+        .pop()
+        .ok_or_else(|| DbError::Sqlx(sqlx::Error::RowNotFound))
+}
+
+/// Appends events as the tenant's next positions, in the given order, with one statement (the
+/// head row moves once for the whole batch). Same locking as [`append`].
+#[tracing::instrument(skip_all, fields(count = events.len()))]
+pub async fn append_many(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    events: &[(EventType, Value)],
+) -> DbResult<Vec<Event>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let count = events.len() as i64;
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    let data: Vec<&Value> = events.iter().map(|(_, d)| d).collect();
+    let rows: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(
         "with head as (
-             insert into event_heads (tenant_id, position) values ($1, 1)
-             on conflict (tenant_id) do update set position = event_heads.position + 1
+             insert into event_heads (tenant_id, position) values ($1, $4)
+             on conflict (tenant_id) do update set position = event_heads.position + $4
              returning position)
          insert into events (tenant_id, position, type, data)
-         select $1, head.position, $2, $3 from head
+         select $1, head.position - $4 + item.ord, item.type, item.data
+           from head, unnest($2::text[], $3::jsonb[]) with ordinality as item(type, data, ord)
          returning position, occurred_at",
     )
     .bind(tenant.as_uuid())
-    .bind(event_type.as_str())
-    .bind(data)
-    .fetch_one(conn)
+    .bind(&types)
+    .bind(&data)
+    .bind(count)
+    .fetch_all(conn)
     .await?;
-    Ok(Event {
-        id: position,
-        event_type: event_type.as_str().to_owned(),
-        tenant_id: tenant.as_uuid(),
-        occurred_at,
-        data: data.clone(),
-    })
+    // Positions are head - count + 1 ..= head in input order; RETURNING's row order is not
+    // promised, so each row is placed by its position.
+    let first = rows.iter().map(|(p, _)| *p).min().unwrap_or_default();
+    let mut appended: Vec<Option<Event>> = vec![None; events.len()];
+    for (position, occurred_at) in rows {
+        let Some(index) = usize::try_from(position - first)
+            .ok()
+            .filter(|i| *i < events.len())
+        else {
+            continue;
+        };
+        let (event_type, data) = &events[index];
+        appended[index] = Some(Event {
+            id: position,
+            event_type: event_type.as_str().to_owned(),
+            tenant_id: tenant.as_uuid(),
+            occurred_at,
+            data: data.clone(),
+        });
+    }
+    appended
+        .into_iter()
+        .map(|e| e.ok_or_else(|| DbError::Sqlx(sqlx::Error::RowNotFound)))
+        .collect()
 }
 
 /// The tenant's latest position (0 before its first event).

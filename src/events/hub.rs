@@ -11,8 +11,13 @@
 //! from the log, once for the whole process. A poll of head positions every second notices events
 //! the broker never delivered. Subscribers that fall behind their ring are told so (`Lagged`) and
 //! catch up from the log themselves.
+//!
+//! A feed also keeps its most recent events (as many as a ring holds), contiguous up to the last
+//! position it examined. A stream that joins a live feed starts from that position without
+//! reading the log, and one that resumes from an id inside that window replays from memory: a
+//! reconnect storm costs the database nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,6 +47,9 @@ struct Feed {
     /// Positions that arrived ahead of `next`, held until the gap is filled.
     pending: BTreeMap<i64, Arc<Live>>,
     filling: bool,
+    /// The latest examined events, contiguous and ending at `next - 1` (at most `capacity`).
+    recent: VecDeque<Arc<Live>>,
+    capacity: usize,
 }
 
 /// The subscribers of one tenant sharing one topic filter.
@@ -57,6 +65,18 @@ struct Group {
 pub struct Delivery {
     pub after: Option<i64>,
     pub live: Arc<Live>,
+}
+
+/// Where a new subscriber starts.
+pub enum Start {
+    /// The feed is live: every position up to `scanned` is accounted for, and `replay` holds the
+    /// events after the requested id that match the filter. Nothing needs reading from the log.
+    Warm {
+        scanned: i64,
+        replay: Vec<Arc<Live>>,
+    },
+    /// The subscriber reads its start from the log (then calls [`Hub::expect`]).
+    Cold,
 }
 
 /// A subscriber's end of a tenant feed; its group, and the feed, go away with the last subscriber.
@@ -105,6 +125,10 @@ impl Hub {
         })
     }
 
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<Uuid, Feed>> {
         // Feeds hold plain data; a panic elsewhere cannot leave one half-updated.
         self.feeds
@@ -112,29 +136,39 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Subscribes to a tenant's live events matching `filter`. Subscribe first, then read the log
-    /// up to its head, then call [`Hub::expect`]: nothing committed in between is missed.
-    pub fn subscribe(self: &Arc<Self>, tenant: TenantId, filter: &TopicFilter) -> Subscription {
+    /// Subscribes to a tenant's live events matching `filter`, resuming after `resume` if given.
+    /// On [`Start::Cold`], read the log up to its head, then call [`Hub::expect`]: nothing
+    /// committed in between is missed (the subscription already receives it).
+    pub fn subscribe(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        filter: &TopicFilter,
+        resume: Option<i64>,
+    ) -> (Subscription, Start) {
         let mut feeds = self.lock();
         let feed = feeds.entry(tenant.as_uuid()).or_insert_with(|| Feed {
             groups: HashMap::new(),
             next: None,
             pending: BTreeMap::new(),
             filling: false,
+            recent: VecDeque::new(),
+            capacity: self.capacity,
         });
         let next = feed.next;
+        let start = feed.start(filter, resume);
         let group = feed.groups.entry(filter.clone()).or_insert_with(|| Group {
             tx: broadcast::channel(self.capacity).0,
             // Everything before the feed's next position was examined before this group existed;
             // its subscribers read that part of the log themselves.
             last: next.map(|n| n - 1),
         });
-        Subscription {
+        let subscription = Subscription {
             rx: Some(group.tx.subscribe()),
             tenant: tenant.as_uuid(),
             filter: filter.clone(),
             hub: self.clone(),
-        }
+        };
+        (subscription, start)
     }
 
     /// Tells a new feed where its subscribers' reading of the log ended.
@@ -287,8 +321,39 @@ impl Hub {
 }
 
 impl Feed {
+    /// Where a subscriber resuming after `resume` (or joining at the live end) starts. Only a live
+    /// feed whose window reaches back to `resume` answers from memory; an id before the window or
+    /// past what this feed has examined is for the log to judge (expired, or ahead of the log).
+    fn start(&self, filter: &TopicFilter, resume: Option<i64>) -> Start {
+        let Some(next) = self.next else {
+            return Start::Cold;
+        };
+        let scanned = next - 1;
+        let first = self.recent.front().map_or(next, |e| e.position);
+        match resume {
+            None => Start::Warm {
+                scanned,
+                replay: Vec::new(),
+            },
+            Some(id) if id >= first - 1 && id <= scanned => Start::Warm {
+                scanned,
+                replay: self
+                    .recent
+                    .iter()
+                    .filter(|e| e.position > id && filter.matches(&e.event_type))
+                    .cloned()
+                    .collect(),
+            },
+            Some(_) => Start::Cold,
+        }
+    }
+
     /// Passes the next position on to every group whose filter it matches.
     fn send(&mut self, live: Arc<Live>) {
+        if self.recent.len() >= self.capacity {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(live.clone());
         for (filter, group) in &mut self.groups {
             if filter.matches(&live.event_type) {
                 let _ = group.tx.send(Delivery {
@@ -303,6 +368,7 @@ impl Feed {
     /// Jumps over positions that were never examined: no group can vouch for them any more.
     fn skip_to(&mut self, position: i64) {
         self.next = Some(position);
+        self.recent.clear();
         for group in self.groups.values_mut() {
             group.last = None;
         }

@@ -3,6 +3,7 @@
 //! process, and with `AMQP_URL` the [`broker`] carries them between processes. Anything the fast
 //! path misses (broker down, slow client, reconnect) is read back from the log.
 
+pub mod batch;
 pub mod broker;
 pub mod hub;
 pub mod retention;
@@ -51,11 +52,16 @@ pub fn now_us() -> i64 {
 pub struct EventBus {
     hub: Arc<hub::Hub>,
     broker: Option<broker::Broker>,
+    batcher: Arc<batch::Batcher>,
 }
 
 impl EventBus {
     pub fn new(hub: Arc<hub::Hub>, broker: Option<broker::Broker>) -> Self {
-        Self { hub, broker }
+        Self {
+            hub,
+            broker,
+            batcher: Arc::default(),
+        }
     }
 
     pub fn hub(&self) -> &Arc<hub::Hub> {

@@ -29,7 +29,7 @@ use crate::domain::event_type::EventType;
 use crate::domain::pagination::{Limit, decode_cursor, encode_cursor};
 use crate::domain::tenant::TenantId;
 use crate::domain::topic::TopicFilter;
-use crate::events::hub::Delivery;
+use crate::events::hub::{Delivery, Start};
 use crate::events::{Live, now_us};
 use crate::http::error::ApiError;
 use crate::http::extract::{AppJson, AppQuery, Operator, TenantAuth, Viewer, bearer_token_from};
@@ -80,10 +80,10 @@ pub async fn publish(
         ));
     }
     crate::domain::reject_nul("data", &body.data).map_err(ApiError::validation)?;
-    let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
-    let event = events::append(&mut tx, auth.tenant_id, &event_type, &body.data).await?;
-    tx.commit().await?;
-    state.events.committed(std::slice::from_ref(&event)).await;
+    let event = state
+        .events
+        .publish(auth.tenant_id, event_type, body.data)
+        .await?;
     Ok((StatusCode::CREATED, Json(event)))
 }
 
@@ -133,8 +133,31 @@ pub async fn stream(
     };
     record_tenant(tenant);
 
-    // Subscribe first: anything committed after this is seen live, anything before is in the log.
-    let subscription = state.events.hub().subscribe(tenant, &filter);
+    // Subscribe first: anything committed after this is seen live, anything before is in the log
+    // (or, when this process's feed for the tenant is live, in its recent window).
+    let (subscription, start) = state.events.hub().subscribe(tenant, &filter, last_id);
+    let key_hash = crate::domain::api_key::hash_secret(&token);
+    let follow_what = Follow {
+        tenant,
+        filter,
+        key_hash,
+    };
+    let keep_alive = KeepAlive::new()
+        .interval(state.config.events.heartbeat)
+        .text("heartbeat");
+    if let Start::Warm { scanned, replay } = start {
+        let begin = Begin {
+            announced: last_id.unwrap_or(scanned),
+            scanned,
+            reset: None,
+            replay: match last_id {
+                Some(_) => Replay::Memory(replay),
+                None => Replay::Nothing,
+            },
+        };
+        let stream = follow(state.clone(), follow_what, subscription, begin);
+        return Ok(Sse::new(stream).keep_alive(keep_alive));
+    }
     let mut tx = scope::begin(state.db.primary(), tenant).await?;
     let head = events::head(&mut tx, tenant).await?;
     let earliest = match last_id {
@@ -166,21 +189,16 @@ pub async fn stream(
         ),
         Some(last) => (last, None),
     };
-    let key_hash = crate::domain::api_key::hash_secret(&token);
-    let stream = follow(
-        state.clone(),
-        Follow {
-            tenant,
-            filter,
-            key_hash,
-        },
-        subscription,
+    let begin = Begin {
+        announced: scanned,
         scanned,
+        replay: match (last_id, &reset) {
+            (Some(_), None) => Replay::Log,
+            _ => Replay::Nothing,
+        },
         reset,
-    );
-    let keep_alive = KeepAlive::new()
-        .interval(state.config.events.heartbeat)
-        .text("heartbeat");
+    };
+    let stream = follow(state.clone(), follow_what, subscription, begin);
     Ok(Sse::new(stream).keep_alive(keep_alive))
 }
 
@@ -229,25 +247,60 @@ struct Follow {
     key_hash: [u8; 32],
 }
 
+/// How a stream begins.
+struct Begin {
+    /// The id of the first frame: where a client that drops before any event resumes.
+    announced: i64,
+    /// Every position up to here is accounted for (replayed below, or not wanted).
+    scanned: i64,
+    reset: Option<Value>,
+    replay: Replay,
+}
+
+enum Replay {
+    Nothing,
+    /// The events after the client's id, taken from the hub's recent window.
+    Memory(Vec<Arc<Live>>),
+    /// Read the events after `scanned` from the log.
+    Log,
+}
+
 fn follow(
     state: AppState,
     follow: Follow,
     mut subscription: crate::events::hub::Subscription,
-    mut scanned: i64,
-    reset: Option<Value>,
+    begin: Begin,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let Follow {
         tenant,
         filter,
         key_hash,
     } = follow;
+    let Begin {
+        announced,
+        mut scanned,
+        reset,
+        replay,
+    } = begin;
     async_stream::stream! {
         let mut open = Open::new();
         // Every frame that is not an event still carries the position reached, so a client that
         // reconnects before its first event resumes from here rather than from the live end.
-        yield Ok(SseEvent::default().id(scanned.to_string()).retry(RETRY));
+        yield Ok(SseEvent::default().id(announced.to_string()).retry(RETRY));
         if let Some(reset) = reset {
             yield Ok(SseEvent::default().id(scanned.to_string()).event("reset").data(reset.to_string()));
+        }
+        let mut reason = None;
+        match replay {
+            Replay::Nothing => {}
+            Replay::Log => reason = Some("replay"),
+            Replay::Memory(events) => {
+                metrics::counter!("sse_catchups_total", "reason" => "replay").increment(1);
+                for live in events {
+                    metrics::counter!("sse_events_sent_total").increment(1);
+                    yield Ok(sse_event(&live));
+                }
+            }
         }
         // Streams end when the listener stops accepting (after the readiness delay), with a
         // final retry hint so clients come back through the load balancer to another replica.
@@ -262,7 +315,6 @@ fn follow(
         tokio::pin!(stop);
         let mut recheck = tokio::time::interval(state.config.events.heartbeat);
         recheck.tick().await;
-        let mut reason = Some("replay");
         let mut lag_catchups = 0u32;
         'stream: loop {
             if let Some(why) = reason.take() {

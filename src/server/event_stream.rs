@@ -1,0 +1,287 @@
+//! Event-stream connections, written straight to the socket.
+//!
+//! hyper keeps an 8 KiB read buffer and an 8 KiB write buffer for the whole life of a connection,
+//! with no setting to shrink them. An event stream lives for hours and mostly idles, so those
+//! buffers would be most of what each subscriber costs. A connection whose first request is
+//! `GET /v1/events` is therefore served here: its request head is read and parsed, the request
+//! goes through the same router (every middleware layer, the same handler and errors), and the
+//! response is written to the socket frame by frame with nothing buffered in between. The stream
+//! is the connection's last request: it closes when the stream ends. Everything else, including
+//! an event stream requested later on a kept-alive connection, is served by hyper.
+
+use std::io;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use axum::response::IntoResponse;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::http::error::ApiError;
+
+/// The request line start that selects this path: the stream route, with or without a query.
+const PREFIX: &[u8] = b"GET /v1/events";
+/// Largest request head read here (hyper's limit for other routes is `MAX_BUFFER`).
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+/// Largest non-stream answer (an error) collected before writing.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// What the first bytes of a connection ask for.
+pub(super) enum Opening {
+    EventStream,
+    Other,
+    /// The client went away, sent nothing in time, or the server is closing.
+    Nothing,
+}
+
+/// Looks at the connection's first bytes without consuming them. Only a first read that shows
+/// the whole route selects the event-stream path; anything shorter or different goes to hyper.
+pub(super) async fn opening(
+    stream: &TcpStream,
+    timeout: Duration,
+    closing: &CancellationToken,
+) -> Opening {
+    let mut first = [0u8; PREFIX.len() + 1];
+    let peeked = tokio::select! {
+        () = closing.cancelled() => return Opening::Nothing,
+        peeked = tokio::time::timeout(timeout, stream.peek(&mut first)) => peeked,
+    };
+    match peeked {
+        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => Opening::Nothing,
+        Ok(Ok(n)) if n == first.len() && first.starts_with(PREFIX) => {
+            if matches!(first[PREFIX.len()], b' ' | b'?') {
+                Opening::EventStream
+            } else {
+                Opening::Other
+            }
+        }
+        Ok(Ok(_)) => Opening::Other,
+    }
+}
+
+/// Serves one event-stream request on `stream`, then closes it.
+pub(super) async fn serve(mut stream: TcpStream, router: Router, timeout: Duration) {
+    // Boxed, like the router call below: these futures are large but short-lived, and the
+    // connection task keeps only the streaming state for its whole life.
+    let request = match Box::pin(tokio::time::timeout(timeout, read_head(&mut stream))).await {
+        Ok(Ok(Head::Request(request))) => request,
+        Ok(Ok(Head::Refused(answer))) => {
+            let _ = Box::pin(answer_once(&mut stream, answer)).await;
+            return;
+        }
+        Ok(Err(_)) | Err(_) => return,
+    };
+    let version = request.version();
+    let response = match Box::pin(router.oneshot(request)).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let streaming = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streaming || !response.status().is_success() {
+        let _ = Box::pin(answer_once(&mut stream, response)).await;
+        return;
+    }
+    let chunked = version == Version::HTTP_11;
+    let (parts, body) = response.into_parts();
+    let head = response_head(parts.status, &parts.headers, None, chunked);
+    if stream.write_all(&head).await.is_err() {
+        return;
+    }
+    drop(head);
+    let mut frames = body.into_data_stream();
+    let mut probe = [0u8; 64];
+    loop {
+        tokio::select! {
+            frame = frames.next() => match frame {
+                Some(Ok(data)) if data.is_empty() => {}
+                Some(Ok(data)) => {
+                    let out = if chunked { chunk(&data) } else { data.to_vec() };
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+                // The stream ended: finish the response and close.
+                None => {
+                    if chunked {
+                        let _ = stream.write_all(b"0\r\n\r\n").await;
+                    }
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+                // Cut short; the client sees an unfinished response and reconnects.
+                Some(Err(_)) => return,
+            },
+            // Nothing is expected from the client any more; reading tells when it has gone.
+            readable = stream.readable() => {
+                if readable.is_err() {
+                    return;
+                }
+                match stream.try_read(&mut probe) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+enum Head {
+    Request(Request<Body>),
+    /// The head cannot be served; answer this and close.
+    Refused(Response<Body>),
+}
+
+/// Reads and parses the request head. Bytes after it (a body, a pipelined request) are never
+/// looked at: this is the connection's last request.
+async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut read = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut read).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&read[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => return Ok(to_request(&parsed)),
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                return Ok(Head::Refused(refuse(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request_head_too_large",
+                    "the request head is larger than this server accepts",
+                )));
+            }
+            Err(_) => return Ok(Head::Refused(bad_request())),
+        }
+    }
+}
+
+fn bad_request() -> Response<Body> {
+    refuse(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "the request head is not valid HTTP/1.1",
+    )
+}
+
+fn to_request(parsed: &httparse::Request<'_, '_>) -> Head {
+    let bad = || Head::Refused(bad_request());
+    let (Some(method), Some(path), Some(minor)) = (parsed.method, parsed.path, parsed.version)
+    else {
+        return bad();
+    };
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .version(if minor == 0 {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        });
+    for h in parsed.headers.iter() {
+        builder = builder.header(h.name, h.value);
+    }
+    match builder.body(Body::empty()) {
+        Ok(request) => Head::Request(request),
+        Err(_) => bad(),
+    }
+}
+
+fn refuse(status: StatusCode, code: &'static str, detail: &'static str) -> Response<Body> {
+    ApiError::new(status, code, detail).into_response()
+}
+
+/// Writes a complete (non-stream) answer with its length, and closes.
+async fn answer_once(stream: &mut TcpStream, response: Response<Body>) -> io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, MAX_ANSWER)
+        .await
+        .unwrap_or_else(|_| Bytes::new());
+    let mut out = response_head(parts.status, &parts.headers, Some(body.len()), false);
+    out.extend_from_slice(&body);
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+/// Status line and headers. Framing headers are ours to set; the connection always closes.
+fn response_head(
+    status: StatusCode,
+    headers: &axum::http::HeaderMap,
+    length: Option<usize>,
+    chunked: bool,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if matches!(
+            *name,
+            header::CONNECTION | header::CONTENT_LENGTH | header::TRANSFER_ENCODING
+        ) || name.as_str() == "keep-alive"
+        {
+            continue;
+        }
+        line(&mut out, name.as_str(), value);
+    }
+    if !headers.contains_key(header::DATE) {
+        let now = chrono::Utc::now()
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        if let Ok(value) = HeaderValue::from_str(&now) {
+            line(&mut out, "date", &value);
+        }
+    }
+    if let Some(length) = length {
+        out.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out
+}
+
+fn line(out: &mut Vec<u8>, name: &str, value: &HeaderValue) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One frame as an HTTP/1.1 chunk, in one buffer so it leaves in one write.
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let size = format!("{:x}\r\n", data.len());
+    let mut out = Vec::with_capacity(size.len() + data.len() + 2);
+    out.extend_from_slice(size.as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_framed() {
+        assert_eq!(chunk(b"data: x\n\n"), b"9\r\ndata: x\n\n\r\n".to_vec());
+        assert!(chunk(&[b'a'; 26]).starts_with(b"1a\r\n"));
+    }
+}
