@@ -104,6 +104,10 @@ pub fn describe_metrics() {
         "Times a stream was caught up from the log, by reason (replay, lagged, gap)."
     );
     metrics::describe_counter!(
+        "sse_replays_total",
+        "Streams resumed with a Last-Event-ID, by where the replay came from (memory: the hub's recent window; log: the database)."
+    );
+    metrics::describe_counter!(
         "sse_disconnects_total",
         "Event streams ended by the server, by reason."
     );

@@ -293,8 +293,12 @@ fn follow(
         let mut reason = None;
         match replay {
             Replay::Nothing => {}
-            Replay::Log => reason = Some("replay"),
+            Replay::Log => {
+                metrics::counter!("sse_replays_total", "source" => "log").increment(1);
+                reason = Some("replay");
+            }
             Replay::Memory(events) => {
+                metrics::counter!("sse_replays_total", "source" => "memory").increment(1);
                 metrics::counter!("sse_catchups_total", "reason" => "replay").increment(1);
                 for live in events {
                     metrics::counter!("sse_events_sent_total").increment(1);

@@ -498,7 +498,7 @@ async fn publishing_validates_type_size_and_role_and_history_pages() {
     .await;
 }
 
-async fn metric(app: &TestApp, name: &str) -> f64 {
+pub async fn metric(app: &TestApp, name: &str) -> f64 {
     let text = app
         .client
         .get(app.url("/metrics"))

@@ -11,5 +11,6 @@ mod malformed;
 mod metrics;
 mod replica;
 mod resources;
+mod streams;
 mod systems;
 mod tls;
