@@ -75,8 +75,9 @@ pub enum Start {
         scanned: i64,
         replay: Vec<Arc<Live>>,
     },
-    /// The subscriber reads its start from the log (then calls [`Hub::expect`]).
-    Cold,
+    /// The subscriber reads its start from the log (then calls [`Hub::expect`]); `first` when it
+    /// started the feed, so its reading may seed the feed's recent window.
+    Cold { first: bool },
 }
 
 /// A subscriber's end of a tenant feed; its group, and the feed, go away with the last subscriber.
@@ -146,6 +147,7 @@ impl Hub {
         resume: Option<i64>,
     ) -> (Subscription, Start) {
         let mut feeds = self.lock();
+        let first = !feeds.contains_key(&tenant.as_uuid());
         let feed = feeds.entry(tenant.as_uuid()).or_insert_with(|| Feed {
             groups: HashMap::new(),
             next: None,
@@ -155,7 +157,7 @@ impl Hub {
             capacity: self.capacity,
         });
         let next = feed.next;
-        let start = feed.start(filter, resume);
+        let start = feed.start(filter, resume, first);
         let group = feed.groups.entry(filter.clone()).or_insert_with(|| Group {
             tx: broadcast::channel(self.capacity).0,
             // Everything before the feed's next position was examined before this group existed;
@@ -171,8 +173,10 @@ impl Hub {
         (subscription, start)
     }
 
-    /// Tells a new feed where its subscribers' reading of the log ended.
-    pub fn expect(&self, tenant: TenantId, next: i64) {
+    /// Tells a new feed where its subscribers' reading of the log ended, with the events just
+    /// before that point if the reader has them (`recent`: contiguous, ending at `next - 1`), so
+    /// that streams resuming right behind it replay from memory.
+    pub fn expect(&self, tenant: TenantId, next: i64, recent: Vec<Arc<Live>>) {
         if let Some(feed) = self.lock().get_mut(&tenant.as_uuid())
             && feed.next.is_none()
         {
@@ -180,7 +184,20 @@ impl Hub {
             for group in feed.groups.values_mut() {
                 group.last.get_or_insert(next - 1);
             }
+            let contiguous = recent
+                .iter()
+                .zip(next - recent.len() as i64..)
+                .all(|(live, position)| live.position == position);
+            if contiguous {
+                let skip = recent.len().saturating_sub(feed.capacity);
+                feed.recent = recent.into_iter().skip(skip).collect();
+            }
         }
+    }
+
+    /// How many events a reader starting a feed should hand to [`Hub::expect`] at most.
+    pub fn window(&self) -> usize {
+        self.capacity
     }
 
     /// Hands over a committed event (from this process or the broker).
@@ -324,9 +341,9 @@ impl Feed {
     /// Where a subscriber resuming after `resume` (or joining at the live end) starts. Only a live
     /// feed whose window reaches back to `resume` answers from memory; an id before the window or
     /// past what this feed has examined is for the log to judge (expired, or ahead of the log).
-    fn start(&self, filter: &TopicFilter, resume: Option<i64>) -> Start {
+    fn start(&self, filter: &TopicFilter, resume: Option<i64>, first: bool) -> Start {
         let Some(next) = self.next else {
-            return Start::Cold;
+            return Start::Cold { first };
         };
         let scanned = next - 1;
         let first = self.recent.front().map_or(next, |e| e.position);
@@ -344,7 +361,7 @@ impl Feed {
                     .cloned()
                     .collect(),
             },
-            Some(_) => Start::Cold,
+            Some(_) => Start::Cold { first: false },
         }
     }
 

@@ -164,8 +164,30 @@ pub async fn stream(
         Some(_) => events::earliest(&mut tx, tenant).await?,
         None => None,
     };
+    // The first stream of a feed that resumes a little way back reads the events since its id
+    // (all topics) for the feed: clients resuming from about the same point (a reconnect storm)
+    // then replay from memory instead of each reading the log.
+    let mut recent = Vec::new();
+    if let (Start::Cold { first: true }, Some(last)) = (&start, last_id)
+        && last < head
+        && earliest.is_some_and(|e| e <= last + 1)
+        && head - last <= state.events.hub().window() as i64
+    {
+        recent = events::page(
+            &mut tx,
+            tenant,
+            last,
+            head,
+            &TopicFilter::all(),
+            head - last,
+        )
+        .await?
+        .iter()
+        .map(|e| Arc::new(Live::new(e, None)))
+        .collect();
+    }
     scope::end_read(tx);
-    state.events.hub().expect(tenant, head + 1);
+    state.events.hub().expect(tenant, head + 1, recent);
 
     let (scanned, reset) = match last_id {
         None => (head, None),

@@ -284,6 +284,35 @@ async fn a_resume_inside_the_recent_window_replays_from_memory_without_gap_or_du
 }
 
 #[tokio::test]
+async fn the_first_resume_of_a_quiet_tenant_lets_the_next_ones_replay_from_memory() {
+    let app = TestApp::spawn().await;
+    let key = operator(&app, "storm").await;
+    // Published while nobody listens: this process holds nothing of the tenant's log.
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(publish(&app, &key, "storm.tick", n).await);
+    }
+    let mut first = SseClient::open(&app, "", &key, Some(ids[2])).await;
+    let mut second = SseClient::open(&app, "?topics=storm.*", &key, Some(ids[2])).await;
+    for stream in [&mut first, &mut second] {
+        let replayed = stream.events(5, WAIT).await;
+        assert_eq!(
+            replayed.iter().map(|f| f.position()).collect::<Vec<_>>(),
+            ids[3..].to_vec()
+        );
+    }
+    assert_eq!(metric(&app, "sse_replays_total{source=\"log\"}").await, 1.0);
+    assert_eq!(
+        metric(&app, "sse_replays_total{source=\"memory\"}").await,
+        1.0
+    );
+    // Both go on live, once each.
+    let live = publish(&app, &key, "storm.tick", 8).await;
+    assert_eq!(first.event(WAIT).await.unwrap().position(), live);
+    assert_eq!(second.event(WAIT).await.unwrap().position(), live);
+}
+
+#[tokio::test]
 async fn a_resume_older_than_the_window_reads_the_log() {
     // The smallest ring: 16 events stay in memory.
     let app = TestApp::spawn_with(Options::default().env("SSE_BUFFER", "16")).await;
