@@ -28,6 +28,24 @@ const SEND_BUFFER: usize = 128 * 1024;
 /// dropped by the kernel; its event stream resumes from its last id when it comes back.
 const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`). Thousands of
+/// clients reconnect at once when a replica goes away; a short queue drops their SYNs and each
+/// dropped one waits a full retransmission timeout (1 s, then 3 s) before trying again.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the HTTP listener.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted server binds at once, without waiting out the old sockets' TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// How shutdown proceeds once `shutdown` is cancelled.
 pub struct Drain {
     /// Keep accepting this long (readiness already fails) so load balancers move away first.

@@ -66,9 +66,8 @@ impl App {
             .clone()
             .map(|url| Broker::start(url, hub.clone(), shutdown.clone()));
         let addr = config.http.listen_addr;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
+        let listener =
+            server::listen(addr).map_err(|source| StartupError::Bind { addr, source })?;
         let state = AppState {
             keys: KeyCache::default(),
             events: EventBus::new(hub, broker),

@@ -82,6 +82,7 @@ run() { # target scenario args...
   echo "bench: $target $scenario" >&2
   local out
   out=$("$load" --target "$target" --addr "$addr" --token "$token" --pids "$pids" --connections "$connections" "$@")
+  echo "bench: $out" >&2
   echo "{\"target\":\"$target\",\"scenario\":\"$scenario\",\"result\":$out}" >>"$work/results.jsonl"
   sleep 3 # let the closed connections drain before the next scenario
 }
