@@ -96,7 +96,9 @@ pub async fn serve(
                             event_stream::Opening::Other => {
                                 let service = TowerToHyperService::new(router);
                                 let connection = builder.serve_connection(TokioIo::new(stream), service);
-                                if let Err(e) = watcher.watch(connection).await {
+                                // Boxed: hyper's connection state is large, and inline it would
+                                // size every connection task, event streams included.
+                                if let Err(e) = Box::pin(watcher.watch(connection)).await {
                                     tracing::debug!(error = %e, "connection ended with an error");
                                 }
                             }

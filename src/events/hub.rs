@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::broadcast;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -50,6 +51,8 @@ struct Feed {
     /// The latest examined events, contiguous and ending at `next - 1` (at most `capacity`).
     recent: VecDeque<Arc<Live>>,
     capacity: usize,
+    /// While `next` is unknown and a subscriber is reading it from the log: the others wait here.
+    warming: Option<Arc<Notify>>,
 }
 
 /// The subscribers of one tenant sharing one topic filter.
@@ -75,9 +78,29 @@ pub enum Start {
         scanned: i64,
         replay: Vec<Arc<Live>>,
     },
-    /// The subscriber reads its start from the log (then calls [`Hub::expect`]); `first` when it
-    /// started the feed, so its reading may seed the feed's recent window.
-    Cold { first: bool },
+    /// The subscriber reads its start from the log, then calls [`Hub::expect`]. With a
+    /// [`Warmer`], it is the one reading the start of a new feed for everyone: it should pass the
+    /// events it read to `expect`, and others wait for it.
+    Cold { warmer: Option<Warmer> },
+    /// Another subscriber is reading this new feed's start: wait for it (bounded), then ask again
+    /// with [`Hub::start`].
+    Wait(OwnedNotified),
+}
+
+/// Held by the subscriber reading a new feed's start. If it never gets to [`Hub::expect`] (its
+/// read failed, its client left), dropping it wakes the waiting subscribers, and one of them
+/// takes over.
+pub struct Warmer {
+    hub: Arc<Hub>,
+    tenant: Uuid,
+}
+
+impl Drop for Warmer {
+    fn drop(&mut self) {
+        if let Some(feed) = self.hub.lock().get_mut(&self.tenant) {
+            feed.wake();
+        }
+    }
 }
 
 /// A subscriber's end of a tenant feed; its group, and the feed, go away with the last subscriber.
@@ -147,7 +170,6 @@ impl Hub {
         resume: Option<i64>,
     ) -> (Subscription, Start) {
         let mut feeds = self.lock();
-        let first = !feeds.contains_key(&tenant.as_uuid());
         let feed = feeds.entry(tenant.as_uuid()).or_insert_with(|| Feed {
             groups: HashMap::new(),
             next: None,
@@ -155,9 +177,10 @@ impl Hub {
             filling: false,
             recent: VecDeque::new(),
             capacity: self.capacity,
+            warming: None,
         });
         let next = feed.next;
-        let start = feed.start(filter, resume, first);
+        let start = feed.start(self, tenant, filter, resume);
         let group = feed.groups.entry(filter.clone()).or_insert_with(|| Group {
             tx: broadcast::channel(self.capacity).0,
             // Everything before the feed's next position was examined before this group existed;
@@ -184,6 +207,7 @@ impl Hub {
             for group in feed.groups.values_mut() {
                 group.last.get_or_insert(next - 1);
             }
+            feed.wake();
             let contiguous = recent
                 .iter()
                 .zip(next - recent.len() as i64..)
@@ -192,6 +216,19 @@ impl Hub {
                 let skip = recent.len().saturating_sub(feed.capacity);
                 feed.recent = recent.into_iter().skip(skip).collect();
             }
+        }
+    }
+
+    /// Where a subscriber that was told to [`Start::Wait`] starts, once woken or tired of waiting.
+    pub fn start(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        filter: &TopicFilter,
+        resume: Option<i64>,
+    ) -> Start {
+        match self.lock().get_mut(&tenant.as_uuid()) {
+            Some(feed) => feed.start(self, tenant, filter, resume),
+            None => Start::Cold { warmer: None },
         }
     }
 
@@ -211,6 +248,7 @@ impl Hub {
         match feed.next {
             None => {
                 feed.next = Some(position + 1);
+                feed.wake();
                 feed.send(live);
             }
             Some(next) if position < next => {}
@@ -341,9 +379,28 @@ impl Feed {
     /// Where a subscriber resuming after `resume` (or joining at the live end) starts. Only a live
     /// feed whose window reaches back to `resume` answers from memory; an id before the window or
     /// past what this feed has examined is for the log to judge (expired, or ahead of the log).
-    fn start(&self, filter: &TopicFilter, resume: Option<i64>, first: bool) -> Start {
+    fn start(
+        &mut self,
+        hub: &Arc<Hub>,
+        tenant: TenantId,
+        filter: &TopicFilter,
+        resume: Option<i64>,
+    ) -> Start {
         let Some(next) = self.next else {
-            return Start::Cold { first };
+            return match &self.warming {
+                // Created now, under the feed's lock: it sees the wake-up even if that comes
+                // before the subscriber starts waiting.
+                Some(notify) => Start::Wait(notify.clone().notified_owned()),
+                None => {
+                    self.warming = Some(Arc::new(Notify::new()));
+                    Start::Cold {
+                        warmer: Some(Warmer {
+                            hub: hub.clone(),
+                            tenant: tenant.as_uuid(),
+                        }),
+                    }
+                }
+            };
         };
         let scanned = next - 1;
         let first = self.recent.front().map_or(next, |e| e.position);
@@ -361,7 +418,14 @@ impl Feed {
                     .cloned()
                     .collect(),
             },
-            Some(_) => Start::Cold { first: false },
+            Some(_) => Start::Cold { warmer: None },
+        }
+    }
+
+    /// Ends a warm-up: subscribers waiting for the feed's start ask again.
+    fn wake(&mut self) {
+        if let Some(notify) = self.warming.take() {
+            notify.notify_waiters();
         }
     }
 

@@ -42,6 +42,8 @@ use super::Page;
 const MAX_DATA_BYTES: usize = 64 * 1024;
 /// Reconnect hint sent on connect and when the server closes the stream.
 const RETRY: Duration = Duration::from_millis(1000);
+/// Longest a new stream waits for another to read its tenant's feed start from the log.
+const WARM_WAIT: Duration = Duration::from_secs(2);
 /// Log pages read while replaying or catching up.
 const PAGE: i64 = 500;
 /// Catch-ups in a row, with no live event in between, before a stream that cannot keep up is
@@ -135,7 +137,18 @@ pub async fn stream(
 
     // Subscribe first: anything committed after this is seen live, anything before is in the log
     // (or, when this process's feed for the tenant is live, in its recent window).
-    let (subscription, start) = state.events.hub().subscribe(tenant, &filter, last_id);
+    let (subscription, mut start) = state.events.hub().subscribe(tenant, &filter, last_id);
+    if let Start::Wait(warming) = start {
+        // Another stream is reading this new feed's start from the log; share its reading
+        // rather than each going to the log (a reconnect storm), unless it takes too long.
+        start = match tokio::time::timeout(WARM_WAIT, warming).await {
+            Ok(()) => state.events.hub().start(tenant, &filter, last_id),
+            Err(_) => Start::Cold { warmer: None },
+        };
+        if let Start::Wait(_) = start {
+            start = Start::Cold { warmer: None };
+        }
+    }
     let key_hash = crate::domain::api_key::hash_secret(&token);
     let follow_what = Follow {
         tenant,
@@ -168,7 +181,7 @@ pub async fn stream(
     // (all topics) for the feed: clients resuming from about the same point (a reconnect storm)
     // then replay from memory instead of each reading the log.
     let mut recent = Vec::new();
-    if let (Start::Cold { first: true }, Some(last)) = (&start, last_id)
+    if let (Start::Cold { warmer: Some(_) }, Some(last)) = (&start, last_id)
         && last < head
         && earliest.is_some_and(|e| e <= last + 1)
         && head - last <= state.events.hub().window() as i64

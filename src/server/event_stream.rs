@@ -16,7 +16,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use axum::response::IntoResponse;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Largest non-stream answer (an error) collected before writing.
 const MAX_ANSWER: usize = 64 * 1024;
+/// Frames already waiting are gathered into one write up to about this size.
+const COALESCE: usize = 16 * 1024;
 
 /// What the first bytes of a connection ask for.
 pub(super) enum Opening {
@@ -102,11 +104,39 @@ pub(super) async fn serve(mut stream: TcpStream, router: Router, timeout: Durati
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
-                Some(Ok(data)) if data.is_empty() => {}
                 Some(Ok(data)) => {
-                    let out = if chunked { chunk(&data) } else { data.to_vec() };
+                    // Frames that are ready at once (a replay, a burst) leave in one write.
+                    let mut out = Vec::with_capacity(data.len() + 16);
+                    frame_into(&mut out, &data, chunked);
+                    // `Some(true)`: the body ended; `Some(false)`: it failed.
+                    let mut ended = None;
+                    while out.len() < COALESCE {
+                        match frames.next().now_or_never() {
+                            Some(Some(Ok(more))) => frame_into(&mut out, &more, chunked),
+                            Some(None) => {
+                                ended = Some(true);
+                                break;
+                            }
+                            Some(Some(Err(_))) => {
+                                ended = Some(false);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    if ended == Some(true) && chunked {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                    }
                     if stream.write_all(&out).await.is_err() {
                         return;
+                    }
+                    match ended {
+                        Some(true) => {
+                            let _ = stream.shutdown().await;
+                            return;
+                        }
+                        Some(false) => return,
+                        None => {}
                     }
                 }
                 // The stream ended: finish the response and close.
@@ -265,14 +295,19 @@ fn line(out: &mut Vec<u8>, name: &str, value: &HeaderValue) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// One frame as an HTTP/1.1 chunk, in one buffer so it leaves in one write.
-fn chunk(data: &[u8]) -> Vec<u8> {
-    let size = format!("{:x}\r\n", data.len());
-    let mut out = Vec::with_capacity(size.len() + data.len() + 2);
-    out.extend_from_slice(size.as_bytes());
+/// Appends one frame: as an HTTP/1.1 chunk, or as is when the close delimits the body.
+fn frame_into(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
+    if data.is_empty() {
+        // An empty chunk would end the body.
+        return;
+    }
+    if chunked {
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    }
     out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    out
+    if chunked {
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 #[cfg(test)]
@@ -281,7 +316,17 @@ mod tests {
 
     #[test]
     fn chunks_are_framed() {
-        assert_eq!(chunk(b"data: x\n\n"), b"9\r\ndata: x\n\n\r\n".to_vec());
-        assert!(chunk(&[b'a'; 26]).starts_with(b"1a\r\n"));
+        let mut out = Vec::new();
+        frame_into(&mut out, b"data: x\n\n", true);
+        frame_into(&mut out, b"", true);
+        frame_into(&mut out, &[b'a'; 26], true);
+        let mut expected = b"9\r\ndata: x\n\n\r\n1a\r\n".to_vec();
+        expected.extend_from_slice(&[b'a'; 26]);
+        expected.extend_from_slice(b"\r\n");
+        assert_eq!(out, expected);
+
+        let mut plain = Vec::new();
+        frame_into(&mut plain, b"data: x\n\n", false);
+        assert_eq!(plain, b"data: x\n\n".to_vec());
     }
 }

@@ -59,7 +59,7 @@ impl Raw {
     }
 
     /// Reads until the server closes; returns everything read.
-    async fn to_end(&mut self) -> String {
+    async fn read_to_close(&mut self) -> String {
         tokio::time::timeout(WAIT, self.stream.read_to_end(&mut self.read))
             .await
             .expect("server closes the connection")
@@ -137,7 +137,7 @@ async fn refusals_on_the_stream_path_are_problems_and_close_the_connection() {
         "GET /v1/events?topics=Bad! HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n\r\n"
     ))
     .await;
-    let all = raw.to_end().await;
+    let all = raw.read_to_close().await;
     assert!(all.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{all}");
     assert_eq!(
         header(&all, "content-type"),
@@ -156,14 +156,14 @@ async fn refusals_on_the_stream_path_are_problems_and_close_the_connection() {
     let mut raw = Raw::connect(&app).await;
     raw.send("GET /v1/events HTTP/1.1\r\nHost: test\r\n\r\n")
         .await;
-    let all = raw.to_end().await;
+    let all = raw.read_to_close().await;
     assert!(all.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{all}");
 
     // A head that is not HTTP: 400, before any handler.
     let mut raw = Raw::connect(&app).await;
     raw.send("GET /v1/events HTTP/1.1\r\nNo colon here\r\n\r\n")
         .await;
-    let all = raw.to_end().await;
+    let all = raw.read_to_close().await;
     assert!(all.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{all}");
     assert!(all.contains("\"code\":\"bad_request\""), "{all}");
 
@@ -174,7 +174,7 @@ async fn refusals_on_the_stream_path_are_problems_and_close_the_connection() {
         "GET /v1/events HTTP/1.1\r\nHost: test\r\nX-Filler: {filler}\r\n\r\n"
     ))
     .await;
-    let all = raw.to_end().await;
+    let all = raw.read_to_close().await;
     assert!(
         all.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
         "{all}"
@@ -310,6 +310,32 @@ async fn the_first_resume_of_a_quiet_tenant_lets_the_next_ones_replay_from_memor
     let live = publish(&app, &key, "storm.tick", 8).await;
     assert_eq!(first.event(WAIT).await.unwrap().position(), live);
     assert_eq!(second.event(WAIT).await.unwrap().position(), live);
+}
+
+#[tokio::test]
+async fn a_reconnect_storm_on_a_quiet_tenant_reads_the_log_once() {
+    let app = TestApp::spawn().await;
+    let key = operator(&app, "burst-resume").await;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(publish(&app, &key, "resume.tick", n).await);
+    }
+    // Thirty clients resume from the same id at the same moment: one reads the log for the
+    // tenant's feed, the others wait for it and replay from memory.
+    let opens = (0..30).map(|_| SseClient::open(&app, "", &key, Some(ids[4])));
+    let mut streams = futures::future::join_all(opens).await;
+    for stream in &mut streams {
+        let replayed = stream.events(5, WAIT).await;
+        assert_eq!(
+            replayed.iter().map(|f| f.position()).collect::<Vec<_>>(),
+            ids[5..].to_vec()
+        );
+    }
+    assert_eq!(metric(&app, "sse_replays_total{source=\"log\"}").await, 1.0);
+    assert_eq!(
+        metric(&app, "sse_replays_total{source=\"memory\"}").await,
+        29.0
+    );
 }
 
 #[tokio::test]
