@@ -88,10 +88,11 @@ pub async fn serve(
                     let builder = builder.clone();
                     let watcher = graceful.watcher();
                     let closing = closing.clone();
+                    let head_deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
                     connections.spawn(async move {
-                        match event_stream::opening(&stream, HEADER_READ_TIMEOUT, &closing).await {
+                        match event_stream::opening(&stream, head_deadline, &closing).await {
                             event_stream::Opening::EventStream => {
-                                event_stream::serve(stream, router, HEADER_READ_TIMEOUT).await;
+                                event_stream::serve(stream, router, head_deadline, &closing).await;
                             }
                             event_stream::Opening::Other => {
                                 let service = TowerToHyperService::new(router);

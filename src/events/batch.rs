@@ -7,11 +7,14 @@
 //! and one commit. Each caller is answered only after its event is durable, as before; under light
 //! load a batch is one event and nothing waits.
 //!
-//! Batches are capped ([`MAX_BATCH`]); if a batch of several fails, its events are retried one by
-//! one, so a bad event never takes others down with it.
+//! Batches are capped ([`MAX_BATCH`]), and so is what a tenant may have waiting ([`MAX_WAITING`]:
+//! beyond it, 503). An event whose caller has gone before its batch starts is dropped, never
+//! committed. If the database refuses a batch of several for its data, its events are retried one
+//! by one, so a bad event never takes others down with it; any other failure (the database away, a
+//! commit with an unknown outcome) is answered to every caller in the batch as 503, never retried.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -26,11 +29,28 @@ use super::EventBus;
 
 /// Events appended by one statement at most.
 pub const MAX_BATCH: usize = 256;
+/// Events a tenant may have waiting for their batch; beyond it, publishing answers 503 until the
+/// queue drains (the database is slow or away), so memory stays bounded.
+pub const MAX_WAITING: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{MAX_WAITING} events are already waiting to be committed for this tenant")]
+    Busy,
+    /// The batch failed for a reason that is not the event's (logged where it happened).
+    #[error("the event batch could not be committed: {0}")]
+    Unavailable(String),
+}
+
+/// Where a caller waits for its event's outcome.
+type Answer = oneshot::Receiver<Result<Event, PublishError>>;
 
 struct Pending {
     event_type: EventType,
     data: Value,
-    reply: oneshot::Sender<DbResult<Event>>,
+    reply: oneshot::Sender<Result<Event, PublishError>>,
 }
 
 #[derive(Default)]
@@ -52,33 +72,41 @@ impl Batcher {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues an event; `true` when the tenant has no drain task yet and the caller must start one.
+    /// Queues an event. `Ok(Some(guard))` when the tenant has no drain task yet: the caller
+    /// starts one with the guard.
     fn push(
-        &self,
+        self: &Arc<Self>,
         tenant: TenantId,
         event_type: EventType,
         data: Value,
-    ) -> (bool, oneshot::Receiver<DbResult<Event>>) {
-        let (reply, answer) = oneshot::channel();
+    ) -> Result<(Option<DrainGuard>, Answer), PublishError> {
         let mut queues = self.lock();
         let start = !queues.contains_key(&tenant.as_uuid());
-        queues
-            .entry(tenant.as_uuid())
-            .or_default()
-            .waiting
-            .push(Pending {
-                event_type,
-                data,
-                reply,
-            });
-        (start, answer)
+        let queue = queues.entry(tenant.as_uuid()).or_default();
+        if queue.waiting.len() >= MAX_WAITING {
+            return Err(PublishError::Busy);
+        }
+        let (reply, answer) = oneshot::channel();
+        queue.waiting.push(Pending {
+            event_type,
+            data,
+            reply,
+        });
+        let guard = start.then(|| DrainGuard {
+            batcher: self.clone(),
+            tenant,
+            finished: false,
+        });
+        Ok((guard, answer))
     }
 
     /// The next batch for the tenant, or `None` (and the entry removed, under the same lock as
-    /// [`Batcher::push`], so no event is left behind) when its queue is empty.
+    /// [`Batcher::push`], so no event is left behind) when its queue is empty. Events whose
+    /// caller has gone (its request timed out or was cancelled) are dropped, never committed.
     fn next_batch(&self, tenant: TenantId) -> Option<Vec<Pending>> {
         let mut queues = self.lock();
         let queue = queues.get_mut(&tenant.as_uuid())?;
+        queue.waiting.retain(|p| !p.reply.is_closed());
         if queue.waiting.is_empty() {
             queues.remove(&tenant.as_uuid());
             return None;
@@ -93,19 +121,34 @@ impl Batcher {
     }
 }
 
-/// Ends a drain task's hold on its tenant's queue even if the task is cancelled or panics, so
-/// the next publish starts a new one (and callers still waiting get an error, not a hang).
-struct DrainGuard<'a> {
-    batcher: &'a Batcher,
+/// A tenant's drain task's hold on its queue, created with the queue entry. If the task ends
+/// without finishing (cancelled, even before its first poll, or panicking), dropping the guard
+/// removes the entry, so the next publish starts a new task and callers waiting get an error
+/// rather than hanging.
+struct DrainGuard {
+    batcher: Arc<Batcher>,
     tenant: TenantId,
     finished: bool,
 }
 
-impl Drop for DrainGuard<'_> {
+impl Drop for DrainGuard {
     fn drop(&mut self) {
         if !self.finished {
             self.batcher.abandon(self.tenant);
         }
+    }
+}
+
+/// A failure that concerns the events themselves (a value the database refuses): the batch was
+/// rolled back, and each event is worth trying alone. Anything else (the database unreachable,
+/// a failed commit whose outcome is unknown) is answered as is, never retried.
+fn refused_data(e: &DbError) -> bool {
+    match e {
+        DbError::Sqlx(sqlx::Error::Database(db)) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        DbError::UniqueViolation { .. } => true,
+        DbError::Sqlx(_) => false,
     }
 }
 
@@ -117,50 +160,56 @@ impl EventBus {
         tenant: TenantId,
         event_type: EventType,
         data: Value,
-    ) -> DbResult<Event> {
-        let (start, answer) = self.batcher.push(tenant, event_type, data);
-        if start {
+    ) -> Result<Event, PublishError> {
+        let (guard, answer) = self.batcher.push(tenant, event_type, data)?;
+        if let Some(guard) = guard {
             let bus = self.clone();
-            tokio::spawn(async move { bus.drain(tenant).await });
+            tokio::spawn(async move { bus.drain(guard).await });
         }
-        answer.await.map_err(|_| {
-            DbError::Sqlx(sqlx::Error::Protocol(
+        answer.await.unwrap_or_else(|_| {
+            Err(PublishError::Unavailable(
                 "the event batch ended without an answer".into(),
             ))
-        })?
+        })
     }
 
-    async fn drain(&self, tenant: TenantId) {
-        let mut guard = DrainGuard {
-            batcher: &self.batcher,
-            tenant,
-            finished: false,
-        };
+    async fn drain(&self, mut guard: DrainGuard) {
+        let tenant = guard.tenant;
         while let Some(batch) = self.batcher.next_batch(tenant) {
             let items: Vec<(EventType, Value)> = batch
                 .iter()
                 .map(|p| (p.event_type.clone(), p.data.clone()))
                 .collect();
-            let outcome = self.append(tenant, &items).await;
-            match outcome {
+            match self.append(tenant, &items).await {
                 Ok(appended) => {
                     for (pending, event) in batch.into_iter().zip(appended) {
                         let _ = pending.reply.send(Ok(event));
                     }
                 }
+                Err(e) if batch.len() > 1 && refused_data(&e) => {
+                    tracing::debug!(error = %e, count = batch.len(), "event batch refused; appending one by one");
+                    for (pending, item) in batch.into_iter().zip(items) {
+                        let one = self.append(tenant, std::slice::from_ref(&item)).await;
+                        let one = one
+                            .and_then(|mut one| {
+                                one.pop().ok_or(DbError::Sqlx(sqlx::Error::RowNotFound))
+                            })
+                            .map_err(PublishError::Db);
+                        let _ = pending.reply.send(one);
+                    }
+                }
                 Err(e) if batch.len() == 1 => {
                     if let Some(pending) = batch.into_iter().next() {
-                        let _ = pending.reply.send(Err(e));
+                        let _ = pending.reply.send(Err(PublishError::Db(e)));
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, count = batch.len(), "event batch failed; appending one by one");
-                    for (pending, item) in batch.into_iter().zip(items) {
-                        let one = self.append(tenant, std::slice::from_ref(&item)).await;
-                        let one = one.and_then(|mut one| {
-                            one.pop().ok_or(DbError::Sqlx(sqlx::Error::RowNotFound))
-                        });
-                        let _ = pending.reply.send(one);
+                    tracing::warn!(error = %e, count = batch.len(), %tenant, "event batch failed");
+                    let described = e.to_string();
+                    for pending in batch {
+                        let _ = pending
+                            .reply
+                            .send(Err(PublishError::Unavailable(described.clone())));
                     }
                 }
             }

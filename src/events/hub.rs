@@ -34,6 +34,8 @@ use super::Live;
 
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 const FILL_PAGE: i64 = 500;
+/// Envelope bytes a feed's recent window holds at most, whatever `SSE_BUFFER` allows.
+const WINDOW_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct Hub {
     feeds: Mutex<HashMap<Uuid, Feed>>,
@@ -48,8 +50,10 @@ struct Feed {
     /// Positions that arrived ahead of `next`, held until the gap is filled.
     pending: BTreeMap<i64, Arc<Live>>,
     filling: bool,
-    /// The latest examined events, contiguous and ending at `next - 1` (at most `capacity`).
+    /// The latest examined events, contiguous and ending at `next - 1`: at most `capacity` of
+    /// them and [`WINDOW_BYTES`] of envelopes (`recent_bytes`).
     recent: VecDeque<Arc<Live>>,
+    recent_bytes: usize,
     capacity: usize,
     /// While `next` is unknown and a subscriber is reading it from the log: the others wait here.
     warming: Option<Arc<Notify>>,
@@ -176,6 +180,7 @@ impl Hub {
             pending: BTreeMap::new(),
             filling: false,
             recent: VecDeque::new(),
+            recent_bytes: 0,
             capacity: self.capacity,
             warming: None,
         });
@@ -213,8 +218,9 @@ impl Hub {
                 .zip(next - recent.len() as i64..)
                 .all(|(live, position)| live.position == position);
             if contiguous {
-                let skip = recent.len().saturating_sub(feed.capacity);
-                feed.recent = recent.into_iter().skip(skip).collect();
+                for live in recent {
+                    feed.remember(live);
+                }
             }
         }
     }
@@ -234,7 +240,7 @@ impl Hub {
 
     /// How many events a reader starting a feed should hand to [`Hub::expect`] at most.
     pub fn window(&self) -> usize {
-        self.capacity
+        self.capacity.min(FILL_PAGE as usize)
     }
 
     /// Hands over a committed event (from this process or the broker).
@@ -422,6 +428,18 @@ impl Feed {
         }
     }
 
+    /// Adds the next position to the recent window, dropping the oldest beyond its bounds.
+    fn remember(&mut self, live: Arc<Live>) {
+        self.recent_bytes += live.json.len();
+        self.recent.push_back(live);
+        while self.recent.len() > self.capacity || self.recent_bytes > WINDOW_BYTES {
+            match self.recent.pop_front() {
+                Some(old) => self.recent_bytes -= old.json.len(),
+                None => break,
+            }
+        }
+    }
+
     /// Ends a warm-up: subscribers waiting for the feed's start ask again.
     fn wake(&mut self) {
         if let Some(notify) = self.warming.take() {
@@ -431,10 +449,7 @@ impl Feed {
 
     /// Passes the next position on to every group whose filter it matches.
     fn send(&mut self, live: Arc<Live>) {
-        if self.recent.len() >= self.capacity {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(live.clone());
+        self.remember(live.clone());
         for (filter, group) in &mut self.groups {
             if filter.matches(&live.event_type) {
                 let _ = group.tx.send(Delivery {
@@ -450,6 +465,7 @@ impl Feed {
     fn skip_to(&mut self, position: i64) {
         self.next = Some(position);
         self.recent.clear();
+        self.recent_bytes = 0;
         for group in self.groups.values_mut() {
             group.last = None;
         }

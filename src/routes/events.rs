@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::Stream;
@@ -29,6 +29,7 @@ use crate::domain::event_type::EventType;
 use crate::domain::pagination::{Limit, decode_cursor, encode_cursor};
 use crate::domain::tenant::TenantId;
 use crate::domain::topic::TopicFilter;
+use crate::events::batch::PublishError;
 use crate::events::hub::{Delivery, Start};
 use crate::events::{Live, now_us};
 use crate::http::error::ApiError;
@@ -85,7 +86,16 @@ pub async fn publish(
     let event = state
         .events
         .publish(auth.tenant_id, event_type, body.data)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            PublishError::Db(e) => ApiError::from(e),
+            PublishError::Busy => ApiError::unavailable(format!("{e}; retry shortly"))
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")),
+            PublishError::Unavailable(_) => {
+                ApiError::unavailable("the event could not be committed; retry shortly")
+                    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            }
+        })?;
     Ok((StatusCode::CREATED, Json(event)))
 }
 
@@ -186,18 +196,12 @@ pub async fn stream(
         && earliest.is_some_and(|e| e <= last + 1)
         && head - last <= state.events.hub().window() as i64
     {
-        recent = events::page(
-            &mut tx,
-            tenant,
-            last,
-            head,
-            &TopicFilter::all(),
-            head - last,
-        )
-        .await?
-        .iter()
-        .map(|e| Arc::new(Live::new(e, None)))
-        .collect();
+        let all = TopicFilter::all();
+        // Only an optimisation: if the read fails, the feed starts with an empty window.
+        match events::page(&mut tx, tenant, last, head, &all, head - last).await {
+            Ok(page) => recent = page.iter().map(|e| Arc::new(Live::new(e, None))).collect(),
+            Err(e) => tracing::debug!(error = %e, "could not read a new feed's window"),
+        }
     }
     scope::end_read(tx);
     state.events.hub().expect(tenant, head + 1, recent);

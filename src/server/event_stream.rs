@@ -12,6 +12,8 @@
 use std::io;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, Request, Response, StatusCode, Version, header};
@@ -33,6 +35,11 @@ const MAX_HEADERS: usize = 64;
 const MAX_ANSWER: usize = 64 * 1024;
 /// Frames already waiting are gathered into one write up to about this size.
 const COALESCE: usize = 16 * 1024;
+/// Bytes a client may send after its request (they are never answered) before it is cut off.
+const MAX_IGNORED: usize = 64 * 1024;
+/// After a refusal, how long the client's remaining bytes are read and dropped before closing, so
+/// the close does not reset the connection (losing the answer) while the client is still sending.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// What the first bytes of a connection ask for.
 pub(super) enum Opening {
@@ -46,13 +53,13 @@ pub(super) enum Opening {
 /// the whole route selects the event-stream path; anything shorter or different goes to hyper.
 pub(super) async fn opening(
     stream: &TcpStream,
-    timeout: Duration,
+    deadline: Instant,
     closing: &CancellationToken,
 ) -> Opening {
     let mut first = [0u8; PREFIX.len() + 1];
     let peeked = tokio::select! {
         () = closing.cancelled() => return Opening::Nothing,
-        peeked = tokio::time::timeout(timeout, stream.peek(&mut first)) => peeked,
+        peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => peeked,
     };
     match peeked {
         Ok(Ok(0)) | Ok(Err(_)) | Err(_) => Opening::Nothing,
@@ -67,11 +74,21 @@ pub(super) async fn opening(
     }
 }
 
-/// Serves one event-stream request on `stream`, then closes it.
-pub(super) async fn serve(mut stream: TcpStream, router: Router, timeout: Duration) {
+/// Serves one event-stream request on `stream`, then closes it. The request head must be in by
+/// `deadline` (counted from the connection's accept, as for hyper's connections).
+pub(super) async fn serve(
+    mut stream: TcpStream,
+    router: Router,
+    deadline: Instant,
+    closing: &CancellationToken,
+) {
     // Boxed, like the router call below: these futures are large but short-lived, and the
     // connection task keeps only the streaming state for its whole life.
-    let request = match Box::pin(tokio::time::timeout(timeout, read_head(&mut stream))).await {
+    let head = tokio::select! {
+        () = closing.cancelled() => return,
+        head = Box::pin(tokio::time::timeout_at(deadline, read_head(&mut stream))) => head,
+    };
+    let request = match head {
         Ok(Ok(Head::Request(request))) => request,
         Ok(Ok(Head::Refused(answer))) => {
             let _ = Box::pin(answer_once(&mut stream, answer)).await;
@@ -100,7 +117,8 @@ pub(super) async fn serve(mut stream: TcpStream, router: Router, timeout: Durati
     }
     drop(head);
     let mut frames = body.into_data_stream();
-    let mut probe = [0u8; 64];
+    let mut probe = [0u8; 512];
+    let mut ignored = 0usize;
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
@@ -157,7 +175,14 @@ pub(super) async fn serve(mut stream: TcpStream, router: Router, timeout: Durati
                 }
                 match stream.try_read(&mut probe) {
                     Ok(0) => return,
-                    Ok(_) => {}
+                    // Bytes after the request (a pipelined request, which this connection never
+                    // answers) are dropped, up to a point: a client that keeps sending is cut off.
+                    Ok(n) => {
+                        ignored += n;
+                        if ignored > MAX_IGNORED {
+                            return;
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(_) => return,
                 }
@@ -214,6 +239,19 @@ fn to_request(parsed: &httparse::Request<'_, '_>) -> Head {
     else {
         return bad();
     };
+    // No body on this route: a GET that announces one is refused, as hyper would refuse an
+    // ambiguous one, so both paths agree whatever follows the head.
+    let announces_body = parsed.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0")
+    });
+    if announces_body {
+        return Head::Refused(refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "an event-stream request has no body",
+        ));
+    }
     let mut builder = Request::builder()
         .method(method)
         .uri(path)
@@ -244,7 +282,19 @@ async fn answer_once(stream: &mut TcpStream, response: Response<Body>) -> io::Re
     let mut out = response_head(parts.status, &parts.headers, Some(body.len()), false);
     out.extend_from_slice(&body);
     stream.write_all(&out).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    let mut rest = [0u8; 1024];
+    let mut drained = 0usize;
+    let _ = tokio::time::timeout(LINGER, async {
+        while drained < MAX_IGNORED {
+            match stream.read(&mut rest).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+    Ok(())
 }
 
 /// Status line and headers. Framing headers are ours to set; the connection always closes.

@@ -167,6 +167,16 @@ async fn refusals_on_the_stream_path_are_problems_and_close_the_connection() {
     assert!(all.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{all}");
     assert!(all.contains("\"code\":\"bad_request\""), "{all}");
 
+    // A GET announcing a body: 400, whatever follows.
+    let mut raw = Raw::connect(&app).await;
+    raw.send(&format!(
+        "GET /v1/events HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\nContent-Length: 5\r\n\r\nhello"
+    ))
+    .await;
+    let all = raw.read_to_close().await;
+    assert!(all.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{all}");
+    assert!(all.contains("has no body"), "{all}");
+
     // An oversized head: 431.
     let mut raw = Raw::connect(&app).await;
     let filler = "x".repeat(20 * 1024);
