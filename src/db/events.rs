@@ -35,42 +35,38 @@ pub async fn append(
     event_type: &EventType,
     data: &Value,
 ) -> DbResult<Event> {
-    let mut appended = append_many(conn, tenant, &[(event_type.clone(), data.clone())]).await?;
+    let mut appended =
+        append_many(&mut *conn, tenant, &[(event_type.clone(), data.clone())]).await?;
     appended
         .pop()
         .ok_or_else(|| DbError::Sqlx(sqlx::Error::RowNotFound))
 }
 
-/// Appends events as the tenant's next positions, in the given order, with one statement (the
-/// head row moves once for the whole batch). Same locking as [`append`].
+/// Appends events as the tenant's next positions, in the given order, with one statement
+/// (`append_events`, migration 000004: the head row moves once for the whole batch). Inside a
+/// transaction it locks like [`append`]; given a pool it is a transaction of its own, committed in
+/// the same round trip.
 #[tracing::instrument(skip_all, fields(count = events.len()))]
-pub async fn append_many(
-    conn: &mut PgConnection,
+pub async fn append_many<'c, E>(
+    executor: E,
     tenant: TenantId,
     events: &[(EventType, Value)],
-) -> DbResult<Vec<Event>> {
+) -> DbResult<Vec<Event>>
+where
+    E: sqlx::PgExecutor<'c>,
+{
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let count = events.len() as i64;
     let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
     let data: Vec<&Value> = events.iter().map(|(_, d)| d).collect();
-    let rows: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(
-        "with head as (
-             insert into event_heads (tenant_id, position) values ($1, $4)
-             on conflict (tenant_id) do update set position = event_heads.position + $4
-             returning position)
-         insert into events (tenant_id, position, type, data)
-         select $1, head.position - $4 + item.ord, item.type, item.data
-           from head, unnest($2::text[], $3::jsonb[]) with ordinality as item(type, data, ord)
-         returning position, occurred_at",
-    )
-    .bind(tenant.as_uuid())
-    .bind(&types)
-    .bind(&data)
-    .bind(count)
-    .fetch_all(conn)
-    .await?;
+    let rows: Vec<(i64, DateTime<Utc>)> =
+        sqlx::query_as("select event_position, event_occurred_at from append_events($1, $2, $3)")
+            .bind(tenant.as_uuid())
+            .bind(&types)
+            .bind(&data)
+            .fetch_all(executor)
+            .await?;
     // Positions are head - count + 1 ..= head in input order; RETURNING's row order is not
     // promised, so each row is placed by its position.
     let first = rows.iter().map(|(p, _)| *p).min().unwrap_or_default();

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::db::events::{self, Event};
-use crate::db::{DbError, DbResult, tenant as scope};
+use crate::db::{DbError, DbResult};
 use crate::domain::event_type::EventType;
 use crate::domain::tenant::TenantId;
 
@@ -217,11 +217,10 @@ impl EventBus {
         guard.finished = true;
     }
 
-    /// One transaction appending `items` in order, then handing them to subscribers.
+    /// Appends `items` in order as one transaction (one statement, one round trip), then hands
+    /// them to subscribers.
     async fn append(&self, tenant: TenantId, items: &[(EventType, Value)]) -> DbResult<Vec<Event>> {
-        let mut tx = scope::begin(self.hub.db().primary(), tenant).await?;
-        let appended = events::append_many(&mut tx, tenant, items).await?;
-        tx.commit().await?;
+        let appended = events::append_many(self.hub.db().primary(), tenant, items).await?;
         self.committed(&appended).await;
         Ok(appended)
     }
