@@ -60,31 +60,32 @@ where
     }
     let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
     let data: Vec<&Value> = events.iter().map(|(_, d)| d).collect();
-    let rows: Vec<(i64, DateTime<Utc>)> =
-        sqlx::query_as("select event_position, event_occurred_at from append_events($1, $2, $3)")
-            .bind(tenant.as_uuid())
-            .bind(&types)
-            .bind(&data)
-            .fetch_all(executor)
-            .await?;
+    let rows: Vec<(i64, DateTime<Utc>, Value)> = sqlx::query_as(
+        "select event_position, event_occurred_at, event_data from append_events($1, $2, $3)",
+    )
+    .bind(tenant.as_uuid())
+    .bind(&types)
+    .bind(&data)
+    .fetch_all(executor)
+    .await?;
     // Positions are head - count + 1 ..= head in input order; RETURNING's row order is not
     // promised, so each row is placed by its position.
-    let first = rows.iter().map(|(p, _)| *p).min().unwrap_or_default();
+    let first = rows.iter().map(|(p, _, _)| *p).min().unwrap_or_default();
     let mut appended: Vec<Option<Event>> = vec![None; events.len()];
-    for (position, occurred_at) in rows {
+    for (position, occurred_at, data) in rows {
         let Some(index) = usize::try_from(position - first)
             .ok()
             .filter(|i| *i < events.len())
         else {
             continue;
         };
-        let (event_type, data) = &events[index];
+        // The data as stored, so the live copy matches what a replay reads back.
         appended[index] = Some(Event {
             id: position,
-            event_type: event_type.as_str().to_owned(),
+            event_type: events[index].0.as_str().to_owned(),
             tenant_id: tenant.as_uuid(),
             occurred_at,
-            data: data.clone(),
+            data,
         });
     }
     appended

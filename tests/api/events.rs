@@ -640,3 +640,69 @@ async fn revoking_a_key_ends_its_open_streams() {
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     while stream.frame(WAIT).await.is_some() {}
 }
+
+#[tokio::test]
+async fn event_times_never_go_back_along_positions() {
+    // Writer A's transaction starts first but appends second. Its event's time is when it entered
+    // the log, so it is not older than B's: pruning by age removes a prefix of positions, never
+    // position p + 1 before p.
+    let app = TestApp::spawn().await;
+    let t = app.tenant("clock").await;
+    let tenant = cybernetic::domain::tenant::TenantId::from_uuid(t.id.parse().unwrap());
+    let kind = cybernetic::domain::event_type::EventType::parse("clock.tick").unwrap();
+
+    let mut a = cybernetic::db::tenant::begin(&app.pool, tenant)
+        .await
+        .unwrap();
+    let a_started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("select now()")
+        .fetch_one(&mut *a)
+        .await
+        .unwrap();
+    let b = cybernetic::db::events::append_many(&app.pool, tenant, &[(kind.clone(), json!({}))])
+        .await
+        .unwrap();
+    let first = cybernetic::db::events::append(&mut a, tenant, &kind, &json!({}))
+        .await
+        .unwrap();
+    a.commit().await.unwrap();
+    assert_eq!((b[0].id, first.id), (1, 2));
+    assert!(b[0].occurred_at > a_started, "B appended after A began");
+    assert!(
+        first.occurred_at >= b[0].occurred_at,
+        "position 2 at {} is older than position 1 at {}",
+        first.occurred_at,
+        b[0].occurred_at
+    );
+}
+
+#[tokio::test]
+async fn live_and_replayed_copies_of_an_event_are_identical() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("numbers").await;
+    let mut live = SseClient::open(&app, "", &t.viewer, None).await;
+    // Numbers JSON can write several ways: the event carries them as stored.
+    let body = r#"{"type": "num.mix", "data": {"z": -0.0, "e": 1e2, "f": 1.50, "i": 7, "big": 12345678901234567890123, "s": "\u00e9"}}"#;
+    let published = expect_json(
+        app.client
+            .post(app.url("/v1/events"))
+            .bearer_auth(&t.operator)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    let live = live.event(WAIT).await.unwrap();
+    let mut replay = SseClient::open(&app, "", &t.viewer, Some(0)).await;
+    let replayed = replay.event(WAIT).await.unwrap();
+    assert_eq!(live.data, replayed.data, "the same bytes live and replayed");
+    let history = expect_json(
+        app.get("/v1/events/history", &t.viewer).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(live.json(), history["items"][0]);
+    assert_eq!(live.json(), published);
+}
