@@ -2,10 +2,11 @@
 //!
 //! A tenant's appends are serialised on its head row until they commit (migration 000003), so one
 //! transaction per published event caps a tenant at one commit round trip per event. Instead,
-//! each tenant has a queue: the first publish starts a drain task, and every publish that arrives
-//! while a batch is committing waits for the next one, which appends them all with one statement
-//! and one commit. Each caller is answered only after its event is durable, as before; under light
-//! load a batch is one event and nothing waits.
+//! each tenant has a queue. A publish that finds it idle leads: in its own task it takes the
+//! queue's first batch (its event, and any that joined meanwhile) and commits it; events that
+//! arrive while a batch commits wait for the next one, which a drain task appends with one
+//! statement and one commit. Each caller is answered only after its event is durable; under
+//! light load a batch is one event committed by its own request, with no other task involved.
 //!
 //! Batches are capped ([`MAX_BATCH`]), and so is what a tenant may have waiting ([`MAX_WAITING`]:
 //! beyond it, 503). An event whose caller has gone before its batch starts is dropped, never
@@ -14,7 +15,7 @@
 //! commit with an unknown outcome) is answered to every caller in the batch as 503, never retried.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -58,7 +59,7 @@ struct Queue {
     waiting: Vec<Pending>,
 }
 
-/// Per-tenant queues of published events; a tenant has an entry while its drain task runs.
+/// Per-tenant queues of published events; a tenant has an entry while its queue is being drained.
 #[derive(Default)]
 pub struct Batcher {
     queues: Mutex<HashMap<Uuid, Queue>>,
@@ -72,14 +73,14 @@ impl Batcher {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues an event. `Ok(Some(guard))` when the tenant has no drain task yet: the caller
-    /// starts one with the guard.
+    /// Queues an event. `Ok((true, _))` when the tenant's queue was idle: the caller leads (see
+    /// [`EventBus::publish`]).
     fn push(
-        self: &Arc<Self>,
+        &self,
         tenant: TenantId,
         event_type: EventType,
         data: Value,
-    ) -> Result<(Option<DrainGuard>, Answer), PublishError> {
+    ) -> Result<(bool, Answer), PublishError> {
         let mut queues = self.lock();
         let start = !queues.contains_key(&tenant.as_uuid());
         let queue = queues.entry(tenant.as_uuid()).or_default();
@@ -92,12 +93,20 @@ impl Batcher {
             data,
             reply,
         });
-        let guard = start.then(|| DrainGuard {
-            batcher: self.clone(),
-            tenant,
-            finished: false,
-        });
-        Ok((guard, answer))
+        Ok((start, answer))
+    }
+
+    /// After a batch: `true` if events are waiting (the drain goes on); otherwise the tenant's
+    /// entry is removed, under the same lock as [`Batcher::push`].
+    fn more_waiting(&self, tenant: TenantId) -> bool {
+        let mut queues = self.lock();
+        match queues.get(&tenant.as_uuid()) {
+            Some(queue) if !queue.waiting.is_empty() => true,
+            _ => {
+                queues.remove(&tenant.as_uuid());
+                false
+            }
+        }
     }
 
     /// The next batch for the tenant, or `None` (and the entry removed, under the same lock as
@@ -121,20 +130,46 @@ impl Batcher {
     }
 }
 
-/// A tenant's drain task's hold on its queue, created with the queue entry. If the task ends
-/// without finishing (cancelled, even before its first poll, or panicking), dropping the guard
-/// removes the entry, so the next publish starts a new task and callers waiting get an error
-/// rather than hanging.
+/// The hold of whoever drains a tenant's queue (the leading request, then a drain task), created
+/// as soon as the queue's entry is. If the holder ends without finishing (its request cancelled,
+/// its task dropped before its first poll, a panic), dropping the guard hands the waiting events
+/// to a new drain task, once; if that one fails as well, the entry is removed and its callers get
+/// an error rather than hanging.
 struct DrainGuard {
-    batcher: Arc<Batcher>,
+    bus: EventBus,
     tenant: TenantId,
     finished: bool,
+    respawn: bool,
+}
+
+impl DrainGuard {
+    fn new(bus: EventBus, tenant: TenantId) -> Self {
+        Self {
+            bus,
+            tenant,
+            finished: false,
+            respawn: true,
+        }
+    }
 }
 
 impl Drop for DrainGuard {
     fn drop(&mut self) {
-        if !self.finished {
-            self.batcher.abandon(self.tenant);
+        if self.finished {
+            return;
+        }
+        if self.respawn
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let guard = DrainGuard {
+                bus: self.bus.clone(),
+                tenant: self.tenant,
+                finished: false,
+                respawn: false,
+            };
+            runtime.spawn(async move { guard.bus.clone().drain(guard).await });
+        } else {
+            self.bus.batcher.abandon(self.tenant);
         }
     }
 }
@@ -161,10 +196,21 @@ impl EventBus {
         event_type: EventType,
         data: Value,
     ) -> Result<Event, PublishError> {
-        let (guard, answer) = self.batcher.push(tenant, event_type, data)?;
-        if let Some(guard) = guard {
-            let bus = self.clone();
-            tokio::spawn(async move { bus.drain(guard).await });
+        let (lead, answer) = self.batcher.push(tenant, event_type, data)?;
+        if lead {
+            // The tenant's queue was idle: this request commits the first batch (its own event
+            // and any that joined meanwhile) in its own task, so a publish on a quiet tenant
+            // involves no other task; whatever arrives meanwhile goes to a drain task.
+            let mut guard = DrainGuard::new(self.clone(), tenant);
+            if let Some(batch) = self.batcher.next_batch(tenant) {
+                self.commit_batch(tenant, batch).await;
+            }
+            if self.batcher.more_waiting(tenant) {
+                let bus = self.clone();
+                tokio::spawn(async move { bus.drain(guard).await });
+            } else {
+                guard.finished = true;
+            }
         }
         answer.await.unwrap_or_else(|_| {
             Err(PublishError::Unavailable(
@@ -176,45 +222,50 @@ impl EventBus {
     async fn drain(&self, mut guard: DrainGuard) {
         let tenant = guard.tenant;
         while let Some(batch) = self.batcher.next_batch(tenant) {
-            let items: Vec<(EventType, Value)> = batch
-                .iter()
-                .map(|p| (p.event_type.clone(), p.data.clone()))
-                .collect();
-            match self.append(tenant, &items).await {
-                Ok(appended) => {
-                    for (pending, event) in batch.into_iter().zip(appended) {
-                        let _ = pending.reply.send(Ok(event));
-                    }
+            self.commit_batch(tenant, batch).await;
+        }
+        guard.finished = true;
+    }
+
+    /// Commits one batch and answers each of its callers.
+    async fn commit_batch(&self, tenant: TenantId, batch: Vec<Pending>) {
+        let items: Vec<(EventType, Value)> = batch
+            .iter()
+            .map(|p| (p.event_type.clone(), p.data.clone()))
+            .collect();
+        match self.append(tenant, &items).await {
+            Ok(appended) => {
+                for (pending, event) in batch.into_iter().zip(appended) {
+                    let _ = pending.reply.send(Ok(event));
                 }
-                Err(e) if batch.len() > 1 && refused_data(&e) => {
-                    tracing::debug!(error = %e, count = batch.len(), "event batch refused; appending one by one");
-                    for (pending, item) in batch.into_iter().zip(items) {
-                        let one = self.append(tenant, std::slice::from_ref(&item)).await;
-                        let one = one
-                            .and_then(|mut one| {
-                                one.pop().ok_or(DbError::Sqlx(sqlx::Error::RowNotFound))
-                            })
-                            .map_err(PublishError::Db);
-                        let _ = pending.reply.send(one);
-                    }
+            }
+            Err(e) if batch.len() > 1 && refused_data(&e) => {
+                tracing::debug!(error = %e, count = batch.len(), "event batch refused; appending one by one");
+                for (pending, item) in batch.into_iter().zip(items) {
+                    let one = self.append(tenant, std::slice::from_ref(&item)).await;
+                    let one = one
+                        .and_then(|mut one| {
+                            one.pop().ok_or(DbError::Sqlx(sqlx::Error::RowNotFound))
+                        })
+                        .map_err(PublishError::Db);
+                    let _ = pending.reply.send(one);
                 }
-                Err(e) if batch.len() == 1 => {
-                    if let Some(pending) = batch.into_iter().next() {
-                        let _ = pending.reply.send(Err(PublishError::Db(e)));
-                    }
+            }
+            Err(e) if batch.len() == 1 => {
+                if let Some(pending) = batch.into_iter().next() {
+                    let _ = pending.reply.send(Err(PublishError::Db(e)));
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, count = batch.len(), %tenant, "event batch failed");
-                    let described = e.to_string();
-                    for pending in batch {
-                        let _ = pending
-                            .reply
-                            .send(Err(PublishError::Unavailable(described.clone())));
-                    }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, count = batch.len(), %tenant, "event batch failed");
+                let described = e.to_string();
+                for pending in batch {
+                    let _ = pending
+                        .reply
+                        .send(Err(PublishError::Unavailable(described.clone())));
                 }
             }
         }
-        guard.finished = true;
     }
 
     /// Appends `items` in order as one transaction (one statement, one round trip), then hands
