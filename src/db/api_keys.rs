@@ -108,11 +108,19 @@ pub async fn revoke(
 /// function (the only cross-tenant read the app role can make). Revoked keys are not found.
 #[tracing::instrument(skip_all)]
 pub async fn authenticate(pool: &PgPool, secret_hash: &[u8; 32]) -> DbResult<Option<KeyOwner>> {
-    let row: Option<(Uuid, Uuid, String)> =
-        sqlx::query_as("select key_id, key_tenant_id, key_role from authenticate_api_key($1)")
-            .bind(secret_hash.as_slice())
-            .fetch_optional(pool)
-            .await?;
+    // A lookup (its one write, last_used_at, is fine to repeat): retried on a live connection
+    // when an idle one turns out dead.
+    let hash = secret_hash.to_vec();
+    let row: Option<(Uuid, Uuid, String)> = super::on_live_connection(pool, move |conn| {
+        let hash = hash.clone();
+        Box::pin(async move {
+            sqlx::query_as("select key_id, key_tenant_id, key_role from authenticate_api_key($1)")
+                .bind(hash)
+                .fetch_optional(conn)
+                .await
+        })
+    })
+    .await?;
     Ok(row.and_then(|(key_id, tenant_id, role)| {
         Some(KeyOwner {
             key_id,

@@ -309,6 +309,35 @@ fn record_pool(name: &'static str, pool: &PgPool) {
 
 /// Whether an error means the server could not be reached or is going away (as opposed to a
 /// query failing): the client should retry, and readiness reports it.
+/// Runs `work` on a pooled connection, passing over connections that died while idle: after a
+/// database restart or a network cut every idle connection fails once, and each failure discards
+/// its connection, so within the pool's size a live one is reached. A connection that cannot be
+/// had (the database is down) fails at once. Only for work that is safe to run again after its
+/// connection failed (a BEGIN, a lookup).
+pub(crate) async fn on_live_connection<T, F>(pool: &PgPool, work: F) -> Result<T, sqlx::Error>
+where
+    F: for<'c> Fn(&'c mut PgConnection) -> futures::future::BoxFuture<'c, Result<T, sqlx::Error>>,
+{
+    let attempts = pool.options().get_max_connections() + 1;
+    let mut attempt = 1;
+    loop {
+        let mut conn = pool.acquire().await?;
+        match work(&mut conn).await {
+            Err(e) if attempt < attempts && is_dead_connection(&e) => attempt += 1,
+            result => return result,
+        }
+    }
+}
+
+/// An error from a connection that was open but is gone (as opposed to failing to connect).
+pub(crate) fn is_dead_connection(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P01" | "57P02")),
+        _ => false,
+    }
+}
+
 pub fn is_connection_error(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)

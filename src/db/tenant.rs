@@ -77,17 +77,8 @@ async fn begin_fresh(pool: &PgPool, sql: String) -> DbResult<Tx> {
     let mut attempt = 1;
     loop {
         match pool.begin_with(AssertSqlSafe(sql.clone())).await {
-            Err(e) if attempt < attempts && is_dead_connection(&e) => attempt += 1,
+            Err(e) if attempt < attempts && super::is_dead_connection(&e) => attempt += 1,
             result => return Ok(result?),
         }
-    }
-}
-
-/// An error from a connection that was open but is gone (as opposed to failing to connect).
-fn is_dead_connection(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P01" | "57P02")),
-        _ => false,
     }
 }
