@@ -21,7 +21,7 @@ fn amqp_url(host: &str) -> String {
     format!("amqp://guest:guest@{host}/%2f")
 }
 
-async fn publish(app: &TestApp, key: &str, event_type: &str, n: i64) -> i64 {
+pub async fn publish(app: &TestApp, key: &str, event_type: &str, n: i64) -> i64 {
     let body = expect_json(
         app.post(
             "/v1/events",
@@ -35,7 +35,7 @@ async fn publish(app: &TestApp, key: &str, event_type: &str, n: i64) -> i64 {
     body["id"].as_i64().unwrap()
 }
 
-fn positions(frames: &[crate::helpers::SseFrame]) -> Vec<i64> {
+pub fn positions(frames: &[crate::helpers::SseFrame]) -> Vec<i64> {
     frames.iter().map(|f| f.position()).collect()
 }
 

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::events::metric;
+use crate::events::{metric, positions, publish};
 use crate::helpers::{Options, SseClient, TestApp, eventually, expect_json};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -80,18 +80,21 @@ async fn operator(app: &TestApp, slug: &str) -> String {
     app.create_key(&tenant, "operator").await
 }
 
-async fn publish(app: &TestApp, key: &str, event_type: &str, n: i64) -> i64 {
-    let body = expect_json(
-        app.post(
-            "/v1/events",
-            key,
-            json!({"type": event_type, "data": {"n": n}}),
-        )
-        .await,
-        StatusCode::CREATED,
+/// Publishes `count` events of one type; returns their ids.
+async fn publish_many(app: &TestApp, key: &str, event_type: &str, count: i64) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        ids.push(publish(app, key, event_type, n).await);
+    }
+    ids
+}
+
+/// Resumes counted so far: (from the log, from memory).
+async fn replay_sources(app: &TestApp) -> (f64, f64) {
+    (
+        metric(app, "sse_replays_total{source=\"log\"}").await,
+        metric(app, "sse_replays_total{source=\"memory\"}").await,
     )
-    .await;
-    body["id"].as_i64().expect("event id")
 }
 
 #[tokio::test]
@@ -276,15 +279,8 @@ async fn a_resume_inside_the_recent_window_replays_from_memory_without_gap_or_du
         "the first frame names the resume point"
     );
     let replayed = resumed.events(2, WAIT).await;
-    assert_eq!(
-        replayed.iter().map(|f| f.position()).collect::<Vec<_>>(),
-        vec![ids[2], ids[4]]
-    );
-    assert_eq!(
-        metric(&app, "sse_replays_total{source=\"memory\"}").await,
-        1.0
-    );
-    assert_eq!(metric(&app, "sse_replays_total{source=\"log\"}").await, 0.0);
+    assert_eq!(positions(&replayed), vec![ids[2], ids[4]]);
+    assert_eq!(replay_sources(&app).await, (0.0, 1.0));
 
     // Then live, with nothing repeated.
     let live = publish(&app, &key, "win.even", 6).await;
@@ -298,24 +294,14 @@ async fn the_first_resume_of_a_quiet_tenant_lets_the_next_ones_replay_from_memor
     let app = TestApp::spawn().await;
     let key = operator(&app, "storm").await;
     // Published while nobody listens: this process holds nothing of the tenant's log.
-    let mut ids = Vec::new();
-    for n in 0..8 {
-        ids.push(publish(&app, &key, "storm.tick", n).await);
-    }
+    let ids = publish_many(&app, &key, "storm.tick", 8).await;
     let mut first = SseClient::open(&app, "", &key, Some(ids[2])).await;
     let mut second = SseClient::open(&app, "?topics=storm.*", &key, Some(ids[2])).await;
     for stream in [&mut first, &mut second] {
         let replayed = stream.events(5, WAIT).await;
-        assert_eq!(
-            replayed.iter().map(|f| f.position()).collect::<Vec<_>>(),
-            ids[3..].to_vec()
-        );
+        assert_eq!(positions(&replayed), ids[3..].to_vec());
     }
-    assert_eq!(metric(&app, "sse_replays_total{source=\"log\"}").await, 1.0);
-    assert_eq!(
-        metric(&app, "sse_replays_total{source=\"memory\"}").await,
-        1.0
-    );
+    assert_eq!(replay_sources(&app).await, (1.0, 1.0));
     // Both go on live, once each.
     let live = publish(&app, &key, "storm.tick", 8).await;
     assert_eq!(first.event(WAIT).await.unwrap().position(), live);
@@ -326,26 +312,16 @@ async fn the_first_resume_of_a_quiet_tenant_lets_the_next_ones_replay_from_memor
 async fn a_reconnect_storm_on_a_quiet_tenant_reads_the_log_once() {
     let app = TestApp::spawn().await;
     let key = operator(&app, "burst-resume").await;
-    let mut ids = Vec::new();
-    for n in 0..10 {
-        ids.push(publish(&app, &key, "resume.tick", n).await);
-    }
+    let ids = publish_many(&app, &key, "resume.tick", 10).await;
     // Thirty clients resume from the same id at the same moment: one reads the log for the
     // tenant's feed, the others wait for it and replay from memory.
     let opens = (0..30).map(|_| SseClient::open(&app, "", &key, Some(ids[4])));
     let mut streams = futures::future::join_all(opens).await;
     for stream in &mut streams {
         let replayed = stream.events(5, WAIT).await;
-        assert_eq!(
-            replayed.iter().map(|f| f.position()).collect::<Vec<_>>(),
-            ids[5..].to_vec()
-        );
+        assert_eq!(positions(&replayed), ids[5..].to_vec());
     }
-    assert_eq!(metric(&app, "sse_replays_total{source=\"log\"}").await, 1.0);
-    assert_eq!(
-        metric(&app, "sse_replays_total{source=\"memory\"}").await,
-        29.0
-    );
+    assert_eq!(replay_sources(&app).await, (1.0, 29.0));
 }
 
 #[tokio::test]
@@ -354,23 +330,13 @@ async fn a_resume_older_than_the_window_reads_the_log() {
     let app = TestApp::spawn_with(Options::default().env("SSE_BUFFER", "16")).await;
     let key = operator(&app, "old-resume").await;
     let mut keeper = SseClient::open(&app, "", &key, None).await;
-    let mut ids = Vec::new();
-    for n in 0..40 {
-        ids.push(publish(&app, &key, "old.tick", n).await);
-    }
+    let ids = publish_many(&app, &key, "old.tick", 40).await;
     assert_eq!(keeper.events(40, WAIT).await.len(), 40);
 
     let mut resumed = SseClient::open(&app, "", &key, Some(ids[2])).await;
     let replayed = resumed.events(37, WAIT).await;
-    assert_eq!(
-        replayed.iter().map(|f| f.position()).collect::<Vec<_>>(),
-        ids[3..].to_vec()
-    );
-    assert_eq!(metric(&app, "sse_replays_total{source=\"log\"}").await, 1.0);
-    assert_eq!(
-        metric(&app, "sse_replays_total{source=\"memory\"}").await,
-        0.0
-    );
+    assert_eq!(positions(&replayed), ids[3..].to_vec());
+    assert_eq!(replay_sources(&app).await, (1.0, 0.0));
 }
 
 #[tokio::test]
