@@ -45,13 +45,7 @@ async fn readiness_fails_while_the_database_is_unreachable_and_recovers() {
         ready_status(&app).await == StatusCode::SERVICE_UNAVAILABLE
     })
     .await;
-    let res = app
-        .client
-        .get(app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    let body = expect_json(res, StatusCode::SERVICE_UNAVAILABLE).await;
+    let body = expect_json(ready(&app).await, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(body["checks"]["database"]["status"], "fail", "{body}");
     assert_eq!(body["checks"]["shutdown"]["status"], "ok", "{body}");
     // Liveness does not depend on the database.
@@ -77,13 +71,16 @@ async fn readiness_fails_while_the_database_is_unreachable_and_recovers() {
     expect_json(app.get("/v1/systems", &t.viewer).await, StatusCode::OK).await;
 }
 
-async fn ready_status(app: &TestApp) -> StatusCode {
+async fn ready(app: &TestApp) -> reqwest::Response {
     app.client
         .get(app.url("/health/ready"))
         .send()
         .await
         .unwrap()
-        .status()
+}
+
+async fn ready_status(app: &TestApp) -> StatusCode {
+    ready(app).await.status()
 }
 
 /// A state write that is in flight: it waits on the version lock of `system`, which the returned
@@ -140,13 +137,7 @@ async fn shutdown_fails_readiness_first_then_drains_in_flight_requests() {
     let (blocker, in_flight) = write_held_in_flight(&app, &t, 1).await;
 
     app.shutdown.cancel();
-    let res = app
-        .client
-        .get(app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    let body = expect_json(res, StatusCode::SERVICE_UNAVAILABLE).await;
+    let body = expect_json(ready(&app).await, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(body["checks"]["shutdown"]["status"], "fail", "{body}");
 
     // Drain phase: the listener is closed (new connections refused) while the write is still
