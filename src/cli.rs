@@ -8,7 +8,8 @@ use crate::db::{self, Db, api_keys, tenant as scope, tenants};
 use crate::domain::api_key::NewApiKey;
 use crate::domain::role::Role;
 use crate::domain::tenant::{Name, Slug, TenantId};
-use crate::startup::App;
+use crate::jobs::Registry;
+use crate::startup::{App, Mode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,8 +24,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the HTTP API, health and metrics on LISTEN_ADDR until SIGTERM/SIGINT.
-    Serve,
+    /// Serve the HTTP API, health and metrics on LISTEN_ADDR until SIGTERM/SIGINT, with the job
+    /// pool running in-process.
+    Serve {
+        /// Run no background jobs in this process (run `cybernetic worker` processes instead).
+        #[arg(long)]
+        no_workers: bool,
+    },
+    /// Run the job pool alone, with only /health/* and /metrics on LISTEN_ADDR.
+    Worker,
     /// Apply pending database migrations as the owner role (MIGRATION_DATABASE_URL), then exit.
     Migrate,
     /// Create and list tenants.
@@ -85,9 +93,21 @@ pub enum ApiKeyCommand {
 
 pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Serve => {
+        Command::Serve { no_workers } => {
             let shutdown = crate::shutdown::on_signal()?;
-            App::build(config, shutdown).await?.run().await?;
+            let jobs = (!no_workers).then(Registry::platform);
+            App::build_as(config, shutdown, Mode::Serve { jobs })
+                .await?
+                .run()
+                .await?;
+        }
+        Command::Worker => {
+            let shutdown = crate::shutdown::on_signal()?;
+            let jobs = Registry::platform();
+            App::build_as(config, shutdown, Mode::Worker { jobs })
+                .await?
+                .run()
+                .await?;
         }
         Command::Migrate => {
             db::migrate(config.migration_database_url()?).await?;

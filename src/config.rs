@@ -96,6 +96,24 @@ pub struct EventsConfig {
 }
 
 #[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// Jobs each queue runs at once in this process: critical, default, analysis, notifications.
+    pub concurrency: [usize; 4],
+    /// How often a queue looks for due jobs when no notification arrived: the bound on pickup
+    /// latency when a NOTIFY is missed, and for delayed jobs and retries coming due.
+    pub poll_interval: Duration,
+    /// How long a claimed job stays reserved without its worker's heartbeat; a worker killed
+    /// mid-job has its job run again within this (plus one rescue pass, a third of it).
+    pub lease: Duration,
+    /// Jobs claimed ahead of free slots, so a busy queue does not wait on the database between jobs.
+    pub prefetch: usize,
+    /// On shutdown, how long running jobs may take to finish; the rest go back to the queue.
+    pub drain_timeout: Duration,
+    /// Completed jobs are deleted after this; dead and cancelled ones after 30 days.
+    pub retention: Duration,
+}
+
+#[derive(Debug, Clone)]
 pub struct Config {
     pub database: DatabaseConfig,
     pub http: HttpConfig,
@@ -103,6 +121,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
     pub events: EventsConfig,
+    pub jobs: JobsConfig,
     pub log_format: LogFormat,
 }
 
@@ -180,6 +199,31 @@ impl Config {
                 "must be longer than zero",
             ));
         }
+        let jobs = JobsConfig {
+            concurrency: [
+                src.number("JOB_CONCURRENCY_CRITICAL", 4, 0..=1000)?,
+                src.number("JOB_CONCURRENCY_DEFAULT", 8, 0..=1000)?,
+                src.number("JOB_CONCURRENCY_ANALYSIS", 2, 0..=1000)?,
+                src.number("JOB_CONCURRENCY_NOTIFICATIONS", 8, 0..=1000)?,
+            ],
+            poll_interval: src.duration("JOB_POLL_INTERVAL", Duration::from_millis(250))?,
+            lease: src.duration("JOB_LEASE", Duration::from_secs(15))?,
+            prefetch: src.number("JOB_PREFETCH", 32, 0..=10_000)?,
+            drain_timeout: src.duration("JOB_DRAIN_TIMEOUT", Duration::from_secs(20))?,
+            retention: src.duration("JOB_RETENTION", Duration::from_secs(7 * 24 * 3600))?,
+        };
+        if jobs.poll_interval < Duration::from_millis(10) {
+            return Err(ConfigError::new(
+                "JOB_POLL_INTERVAL",
+                "must be at least 10ms",
+            ));
+        }
+        if jobs.lease < Duration::from_secs(1) {
+            return Err(ConfigError::new("JOB_LEASE", "must be at least 1s"));
+        }
+        if jobs.retention < Duration::from_secs(60) {
+            return Err(ConfigError::new("JOB_RETENTION", "must be at least 1m"));
+        }
         let log_format = match src.plain("LOG_FORMAT").as_deref() {
             None | Some("json") => LogFormat::Json,
             Some("pretty") => LogFormat::Pretty,
@@ -197,6 +241,7 @@ impl Config {
             metrics,
             shutdown,
             events,
+            jobs,
             log_format,
         })
     }

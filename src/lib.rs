@@ -12,6 +12,8 @@ pub mod domain;
 pub mod events;
 /// Router, middleware, errors and extractors.
 pub mod http;
+/// Background jobs: typed kinds, transactional enqueue, the pool that runs them.
+pub mod jobs;
 /// HTTP handlers, one module per resource.
 pub mod routes;
 /// The accept loop with bounded graceful shutdown.

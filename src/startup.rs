@@ -16,6 +16,8 @@ use crate::events::broker::Broker;
 use crate::events::hub::Hub;
 use crate::events::{EventBus, retention};
 use crate::http::router;
+use crate::jobs::pool::Pool;
+use crate::jobs::{Registry, maintenance};
 use crate::routes::metrics::MetricsEndpoint;
 use crate::server::{self, Drain};
 use crate::state::AppState;
@@ -36,16 +38,37 @@ pub enum StartupError {
     },
 }
 
+/// What a process runs.
+#[derive(Clone)]
+pub enum Mode {
+    /// The HTTP API, event streams and metrics, with the job pool running these kinds in-process
+    /// (`None`: `serve --no-workers`).
+    Serve { jobs: Option<Registry> },
+    /// The job pool alone; the listener serves only `/health/*` and `/metrics`.
+    Worker { jobs: Registry },
+}
+
 pub struct App {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    jobs: Option<Registry>,
 }
 
 impl App {
+    /// [`App::build_as`] for `serve` with the platform's job kinds.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartupError> {
+        let jobs = Some(Registry::platform());
+        Self::build_as(config, shutdown, Mode::Serve { jobs }).await
+    }
+
     /// Binds the listener and builds everything the server needs. The database is connected
     /// lazily: the server starts while it is down and reports not ready until it answers.
-    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartupError> {
+    pub async fn build_as(
+        config: Config,
+        shutdown: CancellationToken,
+        mode: Mode,
+    ) -> Result<Self, StartupError> {
         let db = Db::connect_lazy(config.database_url()?, &config.database)?;
         // Refuse a role that bypasses row-level security. While the database is unreachable the
         // check is left to readiness, which repeats it.
@@ -79,10 +102,15 @@ impl App {
             config: Arc::new(config),
             shutdown,
         };
+        let (router, jobs) = match mode {
+            Mode::Serve { jobs } => (router::build(state.clone()), jobs),
+            Mode::Worker { jobs } => (router::build_ops(state.clone()), Some(jobs)),
+        };
         Ok(Self {
             listener,
-            router: router::build(state.clone()),
+            router,
             state,
+            jobs,
         })
     }
 
@@ -95,6 +123,7 @@ impl App {
             listener,
             router,
             state,
+            jobs,
         } = self;
         let shutdown = state.shutdown.clone();
         telemetry::spawn_upkeep(state.metrics.handle(), shutdown.clone());
@@ -108,12 +137,32 @@ impl App {
             state.config.events.retention,
             shutdown.clone(),
         );
+        let pool = jobs.map(|registry| {
+            maintenance::spawn(
+                state.db.clone(),
+                state.config.jobs.retention,
+                shutdown.clone(),
+            );
+            Pool::new(
+                state.db.clone(),
+                state.events.clone(),
+                registry,
+                state.config.jobs.clone(),
+            )
+            .spawn(shutdown.clone())
+        });
         tracing::info!(addr = %listener.local_addr()?, "listening");
         let drain = Drain {
             readiness_delay: state.config.shutdown.readiness_delay,
             timeout: state.config.shutdown.drain_timeout,
         };
         server::serve(listener, router, shutdown, drain).await;
+        // The pool drains in parallel with the HTTP server, bounded by JOB_DRAIN_TIMEOUT.
+        if let Some(pool) = pool
+            && let Err(e) = pool.await
+        {
+            tracing::error!(error = %e, "job pool ended abnormally");
+        }
         state.db.close(std::time::Duration::from_secs(2)).await;
         tracing::info!("stopped");
         Ok(())

@@ -4,6 +4,7 @@
 pub mod api_keys;
 pub mod episodes;
 pub mod events;
+pub mod jobs;
 pub mod key_cache;
 pub mod policies;
 pub mod system_states;

@@ -16,6 +16,11 @@ impl EventType {
     pub const POLICY_CREATED: &'static str = "policy.created";
     pub const POLICY_UPDATED: &'static str = "policy.updated";
     pub const POLICY_DELETED: &'static str = "policy.deleted";
+    pub const JOB_PROGRESS: &'static str = "job.progress";
+    pub const JOB_COMPLETED: &'static str = "job.completed";
+    pub const JOB_RETRYING: &'static str = "job.retrying";
+    pub const JOB_FAILED: &'static str = "job.failed";
+    pub const JOB_CANCELLED: &'static str = "job.cancelled";
 
     /// Every type the platform itself appends (metrics label these by name).
     pub const PLATFORM: &'static [&'static str] = &[
@@ -24,6 +29,11 @@ impl EventType {
         Self::POLICY_CREATED,
         Self::POLICY_UPDATED,
         Self::POLICY_DELETED,
+        Self::JOB_PROGRESS,
+        Self::JOB_COMPLETED,
+        Self::JOB_RETRYING,
+        Self::JOB_FAILED,
+        Self::JOB_CANCELLED,
     ];
 
     /// Accepts `[a-z0-9_]+(\.[a-z0-9_]+)*`, at most 100 characters.

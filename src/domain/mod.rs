@@ -2,6 +2,7 @@
 
 pub mod api_key;
 pub mod event_type;
+pub mod job;
 pub mod pagination;
 pub mod policy;
 pub mod role;

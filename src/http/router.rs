@@ -10,7 +10,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 
-use crate::routes::{api_keys, episodes, events, health, metrics, policies, systems, tenants};
+use crate::routes::{
+    api_keys, episodes, events, health, jobs, metrics, policies, systems, tenants,
+};
 use crate::state::AppState;
 
 use super::error::ApiError;
@@ -31,6 +33,10 @@ pub fn build(state: AppState) -> Router {
         .route("/v1/systems/{system}/history", get(systems::history))
         .route("/v1/episodes", post(episodes::create).get(episodes::list))
         .route("/v1/episodes/{id}", get(episodes::get))
+        .route("/v1/jobs", get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/policies", post(policies::create).get(policies::list))
         .route(
             "/v1/policies/{id}",
@@ -52,16 +58,24 @@ pub fn build(state: AppState) -> Router {
         ))),
     );
 
-    let ops = Router::new()
+    with_middleware(Router::new().merge(api).merge(streams).merge(ops()), state)
+}
+
+/// What `cybernetic worker` serves: health and metrics only.
+pub fn build_ops(state: AppState) -> Router {
+    with_middleware(ops(), state)
+}
+
+fn ops() -> Router<AppState> {
+    Router::new()
         .route("/health", get(health::health))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
-        .route("/metrics", get(metrics::render));
+        .route("/metrics", get(metrics::render))
+}
 
-    Router::new()
-        .merge(api)
-        .merge(streams)
-        .merge(ops)
+fn with_middleware(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         // Wrong methods get axum's 405 with its Allow header; observe() gives it a problem body.
         .fallback(not_found)
         .layer(

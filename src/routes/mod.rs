@@ -4,6 +4,7 @@ pub mod api_keys;
 pub mod episodes;
 pub mod events;
 pub mod health;
+pub mod jobs;
 pub mod metrics;
 pub mod policies;
 pub mod systems;

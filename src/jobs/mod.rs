@@ -1,0 +1,301 @@
+//! Background jobs: typed job kinds, enqueueing inside the caller's transaction, and the pool that
+//! runs them ([`pool::Pool`]).
+//!
+//! The queue is the `jobs` table (migration 000005), which is also what tenants see through
+//! `/v1/jobs`. Each kind is a [`Job`]: its arguments are the struct itself, and it names its queue,
+//! attempts, timeout and backoff. A failed attempt is due again after its backoff (exponential
+//! with jitter), written to the row at once with the error; after the last attempt the job is dead,
+//! kept until pruned and retryable by hand. Every state change a tenant cares about is an event in
+//! its log (`job.progress`, `job.completed`, `job.retrying`, `job.failed`, `job.cancelled`).
+
+pub mod backoff;
+pub mod maintenance;
+pub mod pool;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::jobs::{self as store, NewJob};
+use crate::db::{Db, DbError, DbResult, events, tenant as scope};
+use crate::domain::event_type::EventType;
+use crate::domain::job::Queue;
+use crate::domain::tenant::TenantId;
+use crate::events::EventBus;
+
+/// A kind of background job. The implementing struct is the job's arguments, stored as JSON.
+pub trait Job: Serialize + DeserializeOwned + Send + 'static {
+    /// The kind's name as stored and shown: lowercase letters, digits and underscores.
+    const KIND: &'static str;
+    const QUEUE: Queue = Queue::Default;
+    /// Attempts before the job is dead.
+    const MAX_ATTEMPTS: i32 = 20;
+    /// An attempt running longer than this fails (and is retried like any failure).
+    const TIMEOUT: Duration = Duration::from_secs(300);
+
+    /// How long to wait before attempt `attempt + 1` after attempt `attempt` failed.
+    fn backoff(attempt: i32) -> Duration {
+        backoff::exponential(attempt, Duration::from_secs(2), Duration::from_secs(3600))
+    }
+
+    /// Runs one attempt. `Ok` is the job's result, stored and shown to the tenant.
+    fn run(self, ctx: JobContext) -> impl Future<Output = Result<Value, JobError>> + Send;
+}
+
+/// Why an attempt failed. A retryable failure is tried again after the kind's backoff until its
+/// attempts run out; a permanent one makes the job dead at once.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct JobError {
+    pub message: String,
+    pub permanent: bool,
+}
+
+impl JobError {
+    pub fn retry(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+}
+
+impl From<DbError> for JobError {
+    fn from(e: DbError) -> Self {
+        Self::retry(format!("database: {e}"))
+    }
+}
+
+/// What a running attempt knows and may do.
+#[derive(Clone)]
+pub struct JobContext {
+    pub id: Uuid,
+    /// The tenant the job belongs to; `None` for a platform job.
+    pub tenant: Option<TenantId>,
+    /// This attempt's number, from 1.
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub db: Db,
+    pub events: EventBus,
+    worker: Arc<str>,
+    cancelled: CancellationToken,
+}
+
+impl JobContext {
+    /// Cancelled when the job is cancelled through the API (noticed at the worker's next
+    /// heartbeat) or the attempt runs out of time; a long step may watch it to stop early.
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancelled
+    }
+
+    /// The tenant, for a kind that only exists for tenants.
+    pub fn tenant(&self) -> Result<TenantId, JobError> {
+        self.tenant
+            .ok_or_else(|| JobError::permanent("this kind of job needs a tenant"))
+    }
+
+    /// Records progress (`percent` 0-100, clamped) on the job and appends a `job.progress` event,
+    /// in one transaction. Fails permanently when the job is no longer running under this worker
+    /// (cancelled, or its lease ran out and it was handed to another), so the attempt stops.
+    pub async fn progress(&self, percent: u8, message: &str) -> Result<(), JobError> {
+        let Some(tenant) = self.tenant else {
+            return Ok(());
+        };
+        let percent = i16::from(percent.min(100));
+        let mut tx = scope::begin(self.db.primary(), tenant).await?;
+        let message = (!message.is_empty()).then_some(message);
+        if !store::set_progress(&mut tx, self.id, &self.worker, percent, message).await? {
+            return Err(JobError::permanent(
+                "the job is no longer running on this worker",
+            ));
+        }
+        let data = serde_json::json!({
+            "job_id": self.id,
+            "percent": percent,
+            "message": message,
+        });
+        let event = events::append(
+            &mut tx,
+            tenant,
+            &EventType::platform(EventType::JOB_PROGRESS),
+            &data,
+        )
+        .await?;
+        tx.commit().await.map_err(DbError::from)?;
+        self.events.committed(std::slice::from_ref(&event)).await;
+        Ok(())
+    }
+}
+
+/// How to enqueue: when, how urgent, and the idempotency key, if any.
+#[derive(Debug, Clone, Default)]
+pub struct Enqueue<'a> {
+    /// Higher runs first among due jobs of the same queue.
+    pub priority: i16,
+    /// Not before this time; `None`: now.
+    pub run_at: Option<DateTime<Utc>>,
+    /// A second enqueue with the same key (per tenant) is a no-op that returns the first job's id.
+    pub idempotency_key: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    pub id: Uuid,
+    /// `false` when the idempotency key was already used and nothing was written.
+    pub created: bool,
+}
+
+/// Enqueues `job` for `tenant` in the caller's transaction: it becomes visible to the pool (and is
+/// announced to it) when that transaction commits, and vanishes if it rolls back.
+pub async fn enqueue<J: Job>(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    job: &J,
+    how: Enqueue<'_>,
+) -> DbResult<Enqueued> {
+    let args =
+        serde_json::to_value(job).map_err(|e| DbError::Sqlx(sqlx::Error::Encode(e.into())))?;
+    let (id, created) = store::insert(
+        conn,
+        tenant,
+        &NewJob {
+            kind: J::KIND,
+            queue: J::QUEUE,
+            args: &args,
+            priority: how.priority,
+            max_attempts: J::MAX_ATTEMPTS,
+            run_at: how.run_at,
+            idempotency_key: how.idempotency_key,
+        },
+    )
+    .await?;
+    if created {
+        metrics::counter!("jobs_enqueued_total", "kind" => J::KIND).increment(1);
+    }
+    Ok(Enqueued { id, created })
+}
+
+/// One kind, with its argument type erased so the pool can hold every kind in one map.
+trait Handler: Send + Sync {
+    fn run(&self, args: Value, ctx: JobContext) -> BoxFuture<'static, Result<Value, JobError>>;
+    fn backoff(&self, attempt: i32) -> Duration;
+    fn timeout(&self) -> Duration;
+    fn queue(&self) -> Queue;
+}
+
+struct Typed<J>(std::marker::PhantomData<fn() -> J>);
+
+impl<J: Job> Handler for Typed<J> {
+    fn run(&self, args: Value, ctx: JobContext) -> BoxFuture<'static, Result<Value, JobError>> {
+        Box::pin(async move {
+            // Arguments that no longer decode will never decode: no point retrying.
+            let job: J = serde_json::from_value(args).map_err(|e| {
+                JobError::permanent(format!("arguments do not decode as {}: {e}", J::KIND))
+            })?;
+            job.run(ctx).await
+        })
+    }
+
+    fn backoff(&self, attempt: i32) -> Duration {
+        J::backoff(attempt)
+    }
+
+    fn timeout(&self) -> Duration {
+        J::TIMEOUT
+    }
+
+    fn queue(&self) -> Queue {
+        J::QUEUE
+    }
+}
+
+/// The kinds a pool runs, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: HashMap<&'static str, Arc<dyn Handler>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The platform's own kinds.
+    pub fn platform() -> Self {
+        Self::new()
+    }
+
+    pub fn register<J: Job>(mut self) -> Self {
+        self.kinds
+            .insert(J::KIND, Arc::new(Typed::<J>(std::marker::PhantomData)));
+        self
+    }
+
+    fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {
+        self.kinds.get(kind)
+    }
+
+    /// The registered kind's name as a `'static` metric label; `unknown` for anything else, so
+    /// labels stay bounded whatever the table holds.
+    fn label(&self, kind: &str) -> &'static str {
+        self.kinds
+            .get_key_value(kind)
+            .map(|(k, _)| *k)
+            .unwrap_or("unknown")
+    }
+
+    /// Queues that have at least one registered kind.
+    fn queues(&self) -> Vec<Queue> {
+        Queue::ALL
+            .into_iter()
+            .filter(|q| self.kinds.values().any(|h| h.queue() == *q))
+            .collect()
+    }
+}
+
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "jobs_enqueued_total",
+        "Jobs enqueued, by kind (idempotent repeats not counted)."
+    );
+    metrics::describe_counter!(
+        "jobs_finished_total",
+        "Attempts finished, by kind and outcome (completed, retried, dead, cancelled, released)."
+    );
+    metrics::describe_histogram!(
+        "job_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time an attempt ran, by kind."
+    );
+    metrics::describe_histogram!(
+        "job_pickup_delay_seconds",
+        metrics::Unit::Seconds,
+        "Time from a job being due to a worker claiming it, by queue."
+    );
+    metrics::describe_gauge!(
+        "jobs",
+        "Unfinished and dead jobs across all workers, by queue and state."
+    );
+    metrics::describe_counter!(
+        "jobs_rescued_total",
+        "Running jobs whose worker stopped renewing their lease, handed back to the queue."
+    );
+    metrics::describe_counter!("jobs_pruned_total", "Finished jobs deleted by retention.");
+}
