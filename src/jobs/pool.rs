@@ -37,6 +37,8 @@ use super::{JobContext, JobError, Registry};
 const FINISH_BATCH: usize = 1000;
 /// Expired leases handed back by one statement at most.
 const RESCUE_BATCH: i32 = 500;
+/// How long a cancelled job's handler may take to stop on its own before it is aborted.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Pool {
@@ -230,15 +232,19 @@ impl Inner {
         };
         let timeout = handler.timeout();
         let started = Instant::now();
-        // Its own task, so a panic is caught and reported as a failed attempt.
-        let mut attempt = tokio::spawn(tokio::time::timeout(
+        // Its own task, so a panic is caught and reported as a failed attempt; aborted if this
+        // future is dropped (the pool stopping past its drain time), so it never runs on unseen.
+        let mut attempt = AbortOnDrop(tokio::spawn(tokio::time::timeout(
             timeout,
             handler.run(job.args.clone(), ctx),
-        ));
+        )));
         let result = tokio::select! {
-            joined = &mut attempt => joined,
+            joined = &mut attempt.0 => joined,
             () = token.cancelled() => {
-                attempt.abort();
+                // The handler sees the same token: give it a moment to stop on its own.
+                if tokio::time::timeout(CANCEL_GRACE, &mut attempt.0).await.is_err() {
+                    attempt.0.abort();
+                }
                 metrics::counter!("jobs_finished_total", "kind" => kind, "outcome" => "cancelled").increment(1);
                 return None;
             }
@@ -571,6 +577,14 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

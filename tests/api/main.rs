@@ -7,6 +7,7 @@ mod events;
 mod health;
 mod helpers;
 mod isolation;
+mod jobs;
 mod malformed;
 mod metrics;
 mod replica;
