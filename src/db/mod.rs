@@ -160,7 +160,7 @@ impl Db {
         };
         let direct = connect_options(url)?.application_name("cybernetic-ops");
         let ops = pool_options(config, Duration::from_secs(2))
-            .max_connections(3)
+            .max_connections(4)
             .connect_lazy_with(direct.clone());
         Ok(Self {
             primary,
