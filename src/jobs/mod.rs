@@ -237,7 +237,8 @@ impl Registry {
         Self::default()
     }
 
-    /// The platform's own kinds.
+    /// The platform's own kinds. None is registered yet: episode analysis, policy evaluation,
+    /// notifications and the scheduled reports come with the workers that act on them.
     pub fn platform() -> Self {
         Self::new()
     }

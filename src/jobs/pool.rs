@@ -320,7 +320,11 @@ impl Inner {
                 && let Some(job) = waiting.pop_front()
             {
                 let id = job.id;
-                let token = self.token(id);
+                // Cancelled while it waited here (the heartbeat dropped it): never started.
+                let Some(token) = self.held().get(&id).filter(|t| !t.is_cancelled()).cloned()
+                else {
+                    continue;
+                };
                 let inner = self.clone();
                 let done = done.clone();
                 let handle = running.spawn(async move {

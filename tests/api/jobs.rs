@@ -668,3 +668,62 @@ async fn a_worker_killed_mid_job_has_its_job_run_again() {
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["result"], json!({"attempt": 2}));
 }
+
+#[tokio::test]
+async fn retention_prunes_finished_jobs_only() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    let (pool, db) = pool(&app, config());
+    let done = enqueue(
+        &db,
+        &t.id,
+        &Halves { label: "x".into() },
+        Enqueue::default(),
+    )
+    .await;
+    pool.run_due(Queue::Default, 10).await.expect("run");
+    let waiting = enqueue(&db, &t.id, &Flaky, Enqueue::default()).await;
+    let cancelled = enqueue(&db, &t.id, &Flaky, Enqueue::default()).await;
+    expect_json(
+        app.post(
+            &format!("/v1/jobs/{}/cancel", cancelled.id),
+            &t.operator,
+            json!({}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+
+    // Completed jobs past a zero retention go; cancelled ones are kept for their 30 days.
+    let pruned = cybernetic::jobs::maintenance::prune(
+        &db,
+        Duration::ZERO,
+        Duration::from_secs(3600),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("prune");
+    assert_eq!(pruned, 1);
+    expect_problem(
+        app.get(&format!("/v1/jobs/{}", done.id), &t.viewer).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    assert_eq!(
+        job(&app, &t.viewer, cancelled.id).await["state"],
+        "cancelled"
+    );
+    assert_eq!(job(&app, &t.viewer, waiting.id).await["state"], "available");
+    let pruned = cybernetic::jobs::maintenance::prune(
+        &db,
+        Duration::ZERO,
+        Duration::ZERO,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("prune");
+    assert_eq!(pruned, 1, "the cancelled job, past a zero retention");
+    assert_eq!(job(&app, &t.viewer, waiting.id).await["state"], "available");
+}
