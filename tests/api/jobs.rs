@@ -727,3 +727,71 @@ async fn retention_prunes_finished_jobs_only() {
     assert_eq!(pruned, 1, "the cancelled job, past a zero retention");
     assert_eq!(job(&app, &t.viewer, waiting.id).await["state"], "available");
 }
+
+#[tokio::test]
+async fn the_worker_command_serves_only_health_and_metrics_and_runs_jobs() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    let (_pool, db) = pool(&app, config());
+    let env: std::collections::HashMap<&str, String> = std::collections::HashMap::from([
+        ("DATABASE_URL", app_url(&app.db_name)),
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        ("JOB_POLL_INTERVAL", "50ms".to_owned()),
+    ]);
+    let config = cybernetic::config::Config::from_source(&|k| env.get(k).cloned()).expect("config");
+    let shutdown = CancellationToken::new();
+    let worker = cybernetic::startup::App::build_as(
+        config,
+        shutdown.clone(),
+        cybernetic::startup::Mode::Worker {
+            jobs: Registry::new().register::<Halves>(),
+        },
+    )
+    .await
+    .expect("build worker");
+    let addr = worker.local_addr().expect("addr");
+    let running = tokio::spawn(worker.run());
+    let url = |path: &str| format!("http://{addr}{path}");
+
+    let ready = app.client.get(url("/health/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let metrics = app.client.get(url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    expect_problem(
+        app.client
+            .get(url("/v1/jobs"))
+            .bearer_auth(&t.viewer)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+
+    let id = enqueue(
+        &db,
+        &t.id,
+        &Halves { label: "w".into() },
+        Enqueue::default(),
+    )
+    .await
+    .id;
+    eventually(
+        Duration::from_secs(10),
+        "the worker to complete the job",
+        || {
+            let app = &app;
+            let token = &t.viewer;
+            async move { job(app, token, id).await["state"] == "completed" }
+        },
+    )
+    .await;
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the worker stops")
+        .expect("worker task")
+        .expect("worker run");
+}
