@@ -19,6 +19,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
+. scripts/bench/record.sh
 write=0
 [[ ${1:-} == --write ]] && write=1
 
@@ -131,14 +132,5 @@ if ((write)); then
     echo
     echo "$table"
   } >"$section"
-  file=docs/benchmarks.md
-  start='<!-- sse-bench:start -->'
-  end='<!-- sse-bench:end -->'
-  grep -qxF "$start" "$file" || printf '\n%s\n%s\n' "$start" "$end" >>"$file"
-  awk -v start="$start" -v end="$end" -v section="$section" '
-    $0 == start { print; while ((getline line < section) > 0) print line; skipping = 1; next }
-    $0 == end { skipping = 0 }
-    !skipping { print }' "$file" >"$work/benchmarks.md"
-  mv "$work/benchmarks.md" "$file"
-  echo "bench: wrote $file" >&2
+  record_section sse-bench "$section"
 fi

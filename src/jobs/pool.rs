@@ -161,7 +161,6 @@ impl Inner {
         let mut tasks = JoinSet::new();
         tasks.spawn(self.clone().listen(background.clone()));
         tasks.spawn(self.clone().keep_leases(background.clone()));
-        tasks.spawn(self.clone().rescue_lost(background.clone()));
         let finisher = tokio::spawn(self.clone().finish_outcomes(done_rx, shutdown.clone()));
         let mut runners = JoinSet::new();
         for queue in queues {
@@ -476,20 +475,6 @@ impl Inner {
         Ok(())
     }
 
-    async fn keep_leases(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.config.lease / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = self.heartbeat().await {
-                tracing::warn!(error = %e, "renewing job leases failed");
-            }
-        }
-    }
-
     async fn rescue(&self) -> DbResult<usize> {
         let mut total = 0;
         loop {
@@ -514,13 +499,18 @@ impl Inner {
         Ok(total)
     }
 
-    async fn rescue_lost(self: Arc<Self>, stop: CancellationToken) {
+    /// Renews this process's leases and rescues expired ones, each every third of the lease,
+    /// until `stop`.
+    async fn keep_leases(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.config.lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            if let Err(e) = self.heartbeat().await {
+                tracing::warn!(error = %e, "renewing job leases failed");
             }
             if let Err(e) = self.rescue().await {
                 tracing::warn!(error = %e, "rescuing jobs with expired leases failed");

@@ -119,8 +119,12 @@ fn config() -> JobsConfig {
 /// A pool of the test's own over the app's database (as the app role), with its own event hub:
 /// what it commits reaches the app's streams through the log.
 fn pool(app: &TestApp, config: JobsConfig) -> (Pool, Db) {
+    pool_on(&app.db_name, config)
+}
+
+fn pool_on(db_name: &str, config: JobsConfig) -> (Pool, Db) {
     let db = Db::connect_lazy(
-        &Secret::new(app_url(&app.db_name)),
+        &Secret::new(app_url(db_name)),
         &DatabaseConfig {
             url: None,
             migration_url: None,
@@ -568,19 +572,7 @@ async fn crash_child() {
     let Ok(db_name) = std::env::var("CRASH_CHILD_DB") else {
         return;
     };
-    let app_db = Db::connect_lazy(
-        &Secret::new(app_url(&db_name)),
-        &DatabaseConfig {
-            url: None,
-            migration_url: None,
-            replica_url: None,
-            max_connections: 4,
-            acquire_timeout: Duration::from_secs(5),
-        },
-    )
-    .expect("database options");
-    let bus = EventBus::new(Hub::new(app_db.clone(), 64), None);
-    let pool = Pool::new(app_db, bus, registry(), config());
+    let (pool, _db) = pool_on(&db_name, config());
     let _running = pool.spawn(CancellationToken::new());
     std::future::pending::<()>().await;
 }
