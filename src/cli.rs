@@ -95,7 +95,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve { no_workers } => {
             let shutdown = crate::shutdown::on_signal()?;
-            let jobs = (!no_workers).then(Registry::platform);
+            let jobs = (!no_workers).then(|| Registry::platform(&config));
             App::build_as(config, shutdown, Mode::Serve { jobs })
                 .await?
                 .run()
@@ -103,7 +103,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Worker => {
             let shutdown = crate::shutdown::on_signal()?;
-            let jobs = Registry::platform();
+            let jobs = Registry::platform(&config);
             App::build_as(config, shutdown, Mode::Worker { jobs })
                 .await?
                 .run()

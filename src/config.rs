@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 
+use crate::domain::schedule::Expr;
+
 /// A value that must never reach a log line or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -111,6 +113,35 @@ pub struct JobsConfig {
     pub drain_timeout: Duration,
     /// Completed jobs are deleted after this; dead and cancelled ones after 30 days.
     pub retention: Duration,
+    pub cron: CronConfig,
+}
+
+/// When the platform's scheduled kinds run (6-field cron: second minute hour day month weekday);
+/// `None` turns one off (`Default`: all off). Reflections are evaluated in each tenant's timezone.
+#[derive(Debug, Clone, Default)]
+pub struct CronConfig {
+    pub health_snapshot: Option<Expr>,
+    pub daily_reflection: Option<Expr>,
+    pub weekly_review: Option<Expr>,
+}
+
+/// Outbound notifications (webhook deliveries).
+#[derive(Debug, Clone)]
+pub struct NotificationsConfig {
+    /// Allows `http://` webhook URLs (for a receiver on a private network); only `https://`
+    /// otherwise.
+    pub allow_http: bool,
+    /// Bound on one delivery attempt, connect to last byte of the response.
+    pub timeout: Duration,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        Self {
+            allow_http: false,
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +153,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub events: EventsConfig,
     pub jobs: JobsConfig,
+    pub notifications: NotificationsConfig,
     pub log_format: LogFormat,
 }
 
@@ -211,6 +243,11 @@ impl Config {
             prefetch: src.number("JOB_PREFETCH", 32, 0..=10_000)?,
             drain_timeout: src.duration("JOB_DRAIN_TIMEOUT", Duration::from_secs(20))?,
             retention: src.duration("JOB_RETENTION", Duration::from_secs(7 * 24 * 3600))?,
+            cron: CronConfig {
+                health_snapshot: src.cron("CRON_HEALTH_SNAPSHOT", "0 0 * * * *")?,
+                daily_reflection: src.cron("CRON_DAILY_REFLECTION", "0 0 18 * * *")?,
+                weekly_review: src.cron("CRON_WEEKLY_REVIEW", "0 0 18 * * Fri")?,
+            },
         };
         if jobs.poll_interval < Duration::from_millis(10) {
             return Err(ConfigError::new(
@@ -223,6 +260,16 @@ impl Config {
         }
         if jobs.retention < Duration::from_secs(60) {
             return Err(ConfigError::new("JOB_RETENTION", "must be at least 1m"));
+        }
+        let notifications = NotificationsConfig {
+            allow_http: src.flag("WEBHOOK_ALLOW_HTTP", false)?,
+            timeout: src.duration("WEBHOOK_TIMEOUT", Duration::from_secs(10))?,
+        };
+        if notifications.timeout < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "WEBHOOK_TIMEOUT",
+                "must be at least 100ms",
+            ));
         }
         let log_format = match src.plain("LOG_FORMAT").as_deref() {
             None | Some("json") => LogFormat::Json,
@@ -242,6 +289,7 @@ impl Config {
             shutdown,
             events,
             jobs,
+            notifications,
             log_format,
         })
     }
@@ -344,6 +392,29 @@ impl Source<'_> {
                 ),
             )),
         }
+    }
+
+    fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.plain(name).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(other) => Err(ConfigError::new(
+                name,
+                format!("'{other}' is not one of true, false"),
+            )),
+        }
+    }
+
+    /// A cron expression; `off` turns the schedule off.
+    fn cron(&self, name: &'static str, default: &str) -> Result<Option<Expr>, ConfigError> {
+        let raw = self.plain(name).unwrap_or_else(|| default.to_owned());
+        if raw == "off" {
+            return Ok(None);
+        }
+        Expr::parse(&raw)
+            .map(Some)
+            .map_err(|e| ConfigError::new(name, e.reason))
     }
 
     fn duration(&self, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {

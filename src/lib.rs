@@ -1,5 +1,7 @@
 //! Cybernetic: a multi-tenant platform service for organisations run on the Viable System Model.
 
+/// Episode analysis behind one trait: the deterministic text analyzer, and room for others.
+pub mod analysis;
 /// Command-line interface and operator commands.
 pub mod cli;
 /// Typed configuration from the environment.

@@ -58,7 +58,7 @@ pub struct App {
 impl App {
     /// [`App::build_as`] for `serve` with the platform's job kinds.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartupError> {
-        let jobs = Some(Registry::platform());
+        let jobs = Some(Registry::platform(&config));
         Self::build_as(config, shutdown, Mode::Serve { jobs }).await
     }
 

@@ -135,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
         prefetch,
         drain_timeout: Duration::from_secs(5),
         retention: Duration::from_secs(7 * 24 * 3600),
+        cron: cybernetic::config::CronConfig::default(),
     };
     let bus = EventBus::new(Hub::new(db.clone(), 64), None);
     let pool = Pool::new(db.clone(), bus, Registry::new().register::<Noop>(), config);

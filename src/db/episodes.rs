@@ -70,3 +70,44 @@ pub async fn get(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> DbResul
     .fetch_optional(conn)
     .await?)
 }
+
+/// Titles and contents (the first `chars` characters) of the tenant's `limit` most recent
+/// episodes other than `except`: what an episode is compared with.
+#[tracing::instrument(skip_all)]
+pub async fn corpus(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    except: Uuid,
+    limit: i64,
+    chars: i32,
+) -> DbResult<Vec<(String, String)>> {
+    Ok(sqlx::query_as(
+        "select title, left(content, $4) from episodes
+          where tenant_id = $1 and id <> $2
+          order by created_at desc, id desc
+          limit $3",
+    )
+    .bind(tenant.as_uuid())
+    .bind(except)
+    .bind(limit)
+    .bind(chars)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Stores an episode's analysis; `false` when the episode does not exist.
+#[tracing::instrument(skip_all)]
+pub async fn set_analysis(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    analysis: &Value,
+) -> DbResult<bool> {
+    let done = sqlx::query("update episodes set analysis = $3 where tenant_id = $1 and id = $2")
+        .bind(tenant.as_uuid())
+        .bind(id)
+        .bind(analysis)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}

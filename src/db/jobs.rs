@@ -78,6 +78,41 @@ pub async fn insert(
     Ok((existing.0, false))
 }
 
+/// One cron tick's job, enqueued for every tenant (or those of one timezone) at once.
+#[derive(Debug, Clone)]
+pub struct TickJobs<'a> {
+    pub kind: &'a str,
+    pub queue: Queue,
+    pub args: &'a Value,
+    pub max_attempts: i32,
+    /// The tick's idempotency key: each tenant gets one job per key.
+    pub key: &'a str,
+    /// Only tenants in this timezone (those without one count as UTC); `None`: every tenant.
+    pub timezone: Option<&'a str>,
+}
+
+/// Enqueues a tick's job for each tenant that has none for its key yet; returns how many.
+#[tracing::instrument(skip_all, fields(kind = jobs.kind))]
+pub async fn enqueue_tick(pool: &PgPool, jobs: &TickJobs<'_>) -> DbResult<u64> {
+    let created: i32 = sqlx::query_scalar("select enqueue_tick_jobs($1, $2, $3, $4, $5, $6)")
+        .bind(jobs.kind)
+        .bind(jobs.queue.as_str())
+        .bind(jobs.args)
+        .bind(jobs.max_attempts)
+        .bind(jobs.key)
+        .bind(jobs.timezone)
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(created).unwrap_or(0))
+}
+
+/// The timezones tenants' settings name (UTC for those without one).
+pub async fn tenant_timezones(pool: &PgPool) -> DbResult<Vec<String>> {
+    Ok(sqlx::query_scalar("select tenant_timezones()")
+        .fetch_all(pool)
+        .await?)
+}
+
 /// A job as its tenant sees it.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobView {
@@ -328,21 +363,25 @@ fn interval(d: Duration) -> DbResult<PgInterval> {
     PgInterval::try_from(d).map_err(|e| DbError::Sqlx(sqlx::Error::Encode(e)))
 }
 
-/// Claims up to `limit` due jobs of `queue` for `worker`, leased for `lease`.
+/// Claims up to `limit` due jobs of `queue` and of one of `kinds` for `worker`, leased for `lease`.
 pub async fn claim(
     pool: &PgPool,
     queue: Queue,
+    kinds: &[&str],
     limit: usize,
     worker: &str,
     lease: Duration,
 ) -> DbResult<Vec<Claimed>> {
-    Ok(sqlx::query_as("select * from claim_jobs($1, $2, $3, $4)")
-        .bind(queue.as_str())
-        .bind(i32::try_from(limit).unwrap_or(i32::MAX))
-        .bind(worker)
-        .bind(interval(lease)?)
-        .fetch_all(pool)
-        .await?)
+    Ok(
+        sqlx::query_as("select * from claim_jobs($1, $2, $3, $4, $5)")
+            .bind(queue.as_str())
+            .bind(kinds)
+            .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+            .bind(worker)
+            .bind(interval(lease)?)
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 /// How an attempt ended, as `finish` records it.

@@ -2,14 +2,18 @@
 //! repository module per table group. Tenant data is reached only through [`tenant::begin`].
 
 pub mod api_keys;
+pub mod channels;
 pub mod episodes;
 pub mod events;
+pub mod health;
 pub mod jobs;
 pub mod key_cache;
 pub mod policies;
+pub mod reflections;
 pub mod system_states;
 pub mod tenant;
 pub mod tenants;
+pub mod violations;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

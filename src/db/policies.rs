@@ -124,3 +124,16 @@ pub async fn delete(
     .fetch_optional(conn)
     .await?)
 }
+
+/// The tenant's active policies, oldest first: what policy evaluation checks.
+#[tracing::instrument(skip_all)]
+pub async fn active(conn: &mut PgConnection, tenant: TenantId) -> DbResult<Vec<Policy>> {
+    Ok(sqlx::query_as(
+        "select id, name, rules, active, version, created_at, updated_at from policies
+          where tenant_id = $1 and active
+          order by created_at, id",
+    )
+    .bind(tenant.as_uuid())
+    .fetch_all(conn)
+    .await?)
+}

@@ -21,6 +21,14 @@ impl EventType {
     pub const JOB_RETRYING: &'static str = "job.retrying";
     pub const JOB_FAILED: &'static str = "job.failed";
     pub const JOB_CANCELLED: &'static str = "job.cancelled";
+    pub const EPISODE_ANALYZED: &'static str = "episode.analyzed";
+    pub const POLICY_VIOLATED: &'static str = "policy.violated";
+    pub const POLICY_RECOVERED: &'static str = "policy.recovered";
+    pub const REFLECTION_CREATED: &'static str = "reflection.created";
+    pub const HEALTH_SNAPSHOT: &'static str = "health.snapshot";
+    pub const CHANNEL_CREATED: &'static str = "notification_channel.created";
+    pub const CHANNEL_UPDATED: &'static str = "notification_channel.updated";
+    pub const CHANNEL_DELETED: &'static str = "notification_channel.deleted";
 
     /// Every type the platform itself appends (metrics label these by name).
     pub const PLATFORM: &'static [&'static str] = &[
@@ -34,6 +42,14 @@ impl EventType {
         Self::JOB_RETRYING,
         Self::JOB_FAILED,
         Self::JOB_CANCELLED,
+        Self::EPISODE_ANALYZED,
+        Self::POLICY_VIOLATED,
+        Self::POLICY_RECOVERED,
+        Self::REFLECTION_CREATED,
+        Self::HEALTH_SNAPSHOT,
+        Self::CHANNEL_CREATED,
+        Self::CHANNEL_UPDATED,
+        Self::CHANNEL_DELETED,
     ];
 
     /// Accepts `[a-z0-9_]+(\.[a-z0-9_]+)*`, at most 100 characters.
@@ -62,6 +78,8 @@ impl EventType {
         "job",
         "artifact",
         "reflection",
+        "health",
+        "notification_channel",
         "webhook",
         "telegram",
         "reset",

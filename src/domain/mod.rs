@@ -1,11 +1,13 @@
 //! IO-free domain types. Each is parsed once at the edge; inner code trusts it.
 
 pub mod api_key;
+pub mod channel;
 pub mod event_type;
 pub mod job;
 pub mod pagination;
 pub mod policy;
 pub mod role;
+pub mod schedule;
 pub mod system;
 pub mod tenant;
 pub mod topic;

@@ -70,6 +70,45 @@ pub struct Rule {
     pub message: Option<String>,
 }
 
+impl Rule {
+    /// Checks the rule against its system's latest state (`None`: the system has none yet, and
+    /// then no rule holds). Returns whether the rule holds, which is a violation, and the value
+    /// found at its path. Comparisons need a value: a missing path or, for the numeric operators,
+    /// a value that is not a number never holds; `absent` holds when the path is missing.
+    pub fn check(&self, state: Option<&Value>) -> (bool, Option<Value>) {
+        let Some(state) = state else {
+            return (false, None);
+        };
+        let value = state.pointer(&self.path);
+        let threshold = self.threshold.as_ref();
+        let holds = match (self.op, value) {
+            (Operator::Exists, found) => found.is_some(),
+            (Operator::Absent, found) => found.is_none(),
+            (_, None) => false,
+            (Operator::Eq, Some(v)) => threshold.is_some_and(|t| same(v, t)),
+            (Operator::Ne, Some(v)) => threshold.is_some_and(|t| !same(v, t)),
+            (op, Some(v)) => match (v.as_f64(), threshold.and_then(Value::as_f64)) {
+                (Some(v), Some(t)) => match op {
+                    Operator::Gt => v > t,
+                    Operator::Gte => v >= t,
+                    Operator::Lt => v < t,
+                    _ => v <= t,
+                },
+                _ => false,
+            },
+        };
+        (holds, value.cloned())
+    }
+}
+
+/// JSON equality where numbers compare by value (`1` equals `1.0`).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) if a.is_number() && b.is_number() => x == y,
+        _ => a == b,
+    }
+}
+
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
 }
@@ -167,6 +206,34 @@ mod tests {
             Rules::parse(json!([{"system": 2, "path": "/owner", "op": "eq", "threshold": null}]))
                 .unwrap();
         assert_eq!(null.as_slice()[0].threshold, Some(Value::Null));
+    }
+
+    fn rule(raw: Value) -> Rule {
+        Rules::parse(json!([raw])).unwrap().as_slice()[0].clone()
+    }
+
+    #[test]
+    fn checks_rules_against_a_state() {
+        let state = json!({"load": 0.95, "status": "up", "count": 3, "nested": {"a/b": 1}});
+        let hot = rule(json!({"system": 3, "path": "/load", "op": "gt", "threshold": 0.9}));
+        assert_eq!(hot.check(Some(&state)), (true, Some(json!(0.95))));
+        assert_eq!(hot.check(Some(&json!({"load": 0.5}))).0, false);
+        assert_eq!(hot.check(Some(&json!({"load": "high"}))).0, false);
+        assert_eq!(hot.check(Some(&json!({}))), (false, None));
+        assert_eq!(hot.check(None), (false, None));
+        let lte = rule(json!({"system": 3, "path": "/count", "op": "lte", "threshold": 3}));
+        assert!(lte.check(Some(&state)).0);
+        let eq = rule(json!({"system": 1, "path": "/count", "op": "eq", "threshold": 3.0}));
+        assert!(eq.check(Some(&state)).0, "numbers compare by value");
+        let ne = rule(json!({"system": 1, "path": "/status", "op": "ne", "threshold": "up"}));
+        assert!(!ne.check(Some(&state)).0);
+        assert!(ne.check(Some(&json!({"status": "down"}))).0);
+        assert!(!ne.check(Some(&json!({}))).0, "ne needs a value to compare");
+        let exists = rule(json!({"system": 1, "path": "/nested/a~1b", "op": "exists"}));
+        assert!(exists.check(Some(&state)).0);
+        let absent = rule(json!({"system": 1, "path": "/owner", "op": "absent"}));
+        assert!(absent.check(Some(&state)).0);
+        assert!(!absent.check(None).0, "no state yet: nothing holds");
     }
 
     #[test]

@@ -124,6 +124,9 @@ impl From<DbError> for ApiError {
                 let what = match constraint.as_str() {
                     "tenants_slug_key" => "a tenant with this slug already exists",
                     "policies_tenant_id_name_key" => "a policy with this name already exists",
+                    "notification_channels_tenant_id_name_key" => {
+                        "a notification channel with this name already exists"
+                    }
                     _ => "this resource already exists",
                 };
                 Self::conflict(what)

@@ -11,7 +11,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 
 use crate::routes::{
-    api_keys, episodes, events, health, jobs, metrics, policies, systems, tenants,
+    api_keys, episodes, events, health, jobs, metrics, notification_channels, policies,
+    reflections, systems, tenants,
 };
 use crate::state::AppState;
 
@@ -43,6 +44,19 @@ pub fn build(state: AppState) -> Router {
             get(policies::get)
                 .put(policies::replace)
                 .delete(policies::delete),
+        )
+        .route("/v1/violations", get(reflections::violations))
+        .route("/v1/reflections", get(reflections::list))
+        .route("/v1/reflections/{id}", get(reflections::get))
+        .route(
+            "/v1/notification-channels",
+            post(notification_channels::create).get(notification_channels::list),
+        )
+        .route(
+            "/v1/notification-channels/{id}",
+            get(notification_channels::get)
+                .patch(notification_channels::update)
+                .delete(notification_channels::delete),
         )
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,

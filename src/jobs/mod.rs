@@ -9,8 +9,14 @@
 //! its log (`job.progress`, `job.completed`, `job.retrying`, `job.failed`, `job.cancelled`).
 
 pub mod backoff;
+pub mod cron;
+pub mod episode_analysis;
+pub mod health_snapshot;
 pub mod maintenance;
+pub mod notification;
+pub mod policy_evaluation;
 pub mod pool;
+pub mod reflection;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,6 +32,8 @@ use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::analysis::{Analyzer, TextAnalyzer};
+use crate::config::NotificationsConfig;
 use crate::db::jobs::{self as store, NewJob};
 use crate::db::{Db, DbError, DbResult, events, tenant as scope};
 use crate::domain::event_type::EventType;
@@ -94,6 +102,7 @@ pub struct JobContext {
     pub max_attempts: i32,
     pub db: Db,
     pub events: EventBus,
+    pub services: Services,
     worker: Arc<str>,
     cancelled: CancellationToken,
 }
@@ -192,6 +201,43 @@ pub async fn enqueue<J: Job>(
     Ok(Enqueued { id, created })
 }
 
+/// What the platform's kinds need besides the database and the bus.
+#[derive(Clone)]
+pub struct Services {
+    /// Outbound HTTP (webhook deliveries): one connection pool for every attempt.
+    pub http: reqwest::Client,
+    pub analyzer: Arc<dyn Analyzer>,
+    pub notifications: NotificationsConfig,
+}
+
+impl Services {
+    pub fn new(notifications: NotificationsConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("cybernetic/", env!("CARGO_PKG_VERSION")))
+            .timeout(notifications.timeout)
+            .connect_timeout(notifications.timeout.min(Duration::from_secs(5)))
+            // A webhook answering with a redirect is not followed: the signed body goes only to
+            // the URL the tenant configured.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "HTTP client with timeouts unavailable; using defaults");
+                reqwest::Client::new()
+            });
+        Self {
+            http,
+            analyzer: Arc::new(TextAnalyzer),
+            notifications,
+        }
+    }
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Self::new(NotificationsConfig::default())
+    }
+}
+
 /// One kind, with its argument type erased so the pool can hold every kind in one map.
 trait Handler: Send + Sync {
     fn run(&self, args: Value, ctx: JobContext) -> BoxFuture<'static, Result<Value, JobError>>;
@@ -226,10 +272,12 @@ impl<J: Job> Handler for Typed<J> {
     }
 }
 
-/// The kinds a pool runs, by name.
+/// The kinds a pool runs, by name, the schedules it keeps, and the services the kinds use.
 #[derive(Clone, Default)]
 pub struct Registry {
     kinds: HashMap<&'static str, Arc<dyn Handler>>,
+    schedules: Vec<Arc<cron::Schedule>>,
+    services: Services,
 }
 
 impl Registry {
@@ -237,10 +285,38 @@ impl Registry {
         Self::default()
     }
 
-    /// The platform's own kinds. None is registered yet: episode analysis, policy evaluation,
-    /// notifications and the scheduled reports come with the workers that act on them.
-    pub fn platform() -> Self {
-        Self::new()
+    /// The platform's own kinds and schedules, as `serve` and `worker` run them.
+    pub fn platform(config: &crate::config::Config) -> Self {
+        let mut registry = Self::new()
+            .with_services(Services::new(config.notifications.clone()))
+            .register::<episode_analysis::EpisodeAnalysis>()
+            .register::<policy_evaluation::PolicyEvaluation>()
+            .register::<notification::Notification>();
+        let cron = &config.jobs.cron;
+        if let Some(expr) = &cron.health_snapshot {
+            registry = registry.schedule::<health_snapshot::HealthSnapshot>(expr.clone());
+        }
+        if let Some(expr) = &cron.daily_reflection {
+            registry = registry.schedule::<reflection::DailyReflection>(expr.clone());
+        }
+        if let Some(expr) = &cron.weekly_review {
+            registry = registry.schedule::<reflection::WeeklyReview>(expr.clone());
+        }
+        registry
+    }
+
+    pub fn with_services(mut self, services: Services) -> Self {
+        self.services = services;
+        self
+    }
+
+    /// Registers `J` and runs it on `expr`'s ticks for every tenant (see [`cron`]).
+    pub fn schedule<J: cron::Scheduled>(self, expr: cron::Expr) -> Self {
+        let mut registry = self.register::<J>();
+        registry
+            .schedules
+            .push(Arc::new(cron::Schedule::of::<J>(expr)));
+        registry
     }
 
     pub fn register<J: Job>(mut self) -> Self {
@@ -260,6 +336,18 @@ impl Registry {
             .get_key_value(kind)
             .map(|(k, _)| *k)
             .unwrap_or("unknown")
+    }
+
+    /// The kinds registered on `queue`: what a pool claims from it.
+    fn kinds_of(&self, queue: Queue) -> Vec<&'static str> {
+        let mut kinds: Vec<&'static str> = self
+            .kinds
+            .iter()
+            .filter(|(_, h)| h.queue() == queue)
+            .map(|(k, _)| *k)
+            .collect();
+        kinds.sort_unstable();
+        kinds
     }
 
     /// Queues that have at least one registered kind.

@@ -125,6 +125,16 @@ impl Pool {
         self.inner.heartbeat().await
     }
 
+    /// Enqueues the registry's cron ticks in `(after, until]`, as the scheduler does when they come.
+    pub async fn enqueue_ticks(
+        &self,
+        after: chrono::DateTime<chrono::Utc>,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> DbResult<u64> {
+        let inner = &self.inner;
+        super::cron::enqueue_ticks(&inner.db, &inner.registry.schedules, after, until).await
+    }
+
     /// One rescue pass over expired leases; returns how many jobs it handed back.
     pub async fn rescue(&self) -> DbResult<usize> {
         self.inner.rescue().await
@@ -161,6 +171,14 @@ impl Inner {
         let mut tasks = JoinSet::new();
         tasks.spawn(self.clone().listen(background.clone()));
         tasks.spawn(self.clone().keep_leases(background.clone()));
+        if !self.registry.schedules.is_empty() {
+            // Stops with the pool's intake: no tick is enqueued by a process that is leaving.
+            tasks.spawn(super::cron::run(
+                self.db.clone(),
+                self.registry.schedules.clone(),
+                shutdown.clone(),
+            ));
+        }
         let finisher = tokio::spawn(self.clone().finish_outcomes(done_rx, shutdown.clone()));
         let mut runners = JoinSet::new();
         for queue in queues {
@@ -184,9 +202,11 @@ impl Inner {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let kinds = self.registry.kinds_of(queue);
         let mut claimed = store::claim(
             self.db.primary(),
             queue,
+            &kinds,
             limit,
             &self.worker,
             self.config.lease,
@@ -226,6 +246,7 @@ impl Inner {
             max_attempts: job.max_attempts,
             db: self.db.clone(),
             events: self.events.clone(),
+            services: self.registry.services.clone(),
             worker: self.worker.clone(),
             cancelled: token.clone(),
         };

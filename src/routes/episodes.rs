@@ -13,6 +13,8 @@ use crate::domain::event_type::EventType;
 use crate::domain::tenant::Name;
 use crate::http::error::ApiError;
 use crate::http::extract::{AppJson, AppPath, AppQuery, Operator, TenantAuth, Viewer};
+use crate::jobs::episode_analysis::EpisodeAnalysis;
+use crate::jobs::{self, Enqueue};
 use crate::state::AppState;
 
 use super::{Page, PageQuery, event_data, parse_uuid};
@@ -48,6 +50,11 @@ pub async fn create(
     }
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let episode = episodes::create(&mut tx, auth.tenant_id, title.as_str(), &body.content).await?;
+    // Analysed in the background; the job commits with the episode or not at all.
+    let analysis = EpisodeAnalysis {
+        episode_id: episode.id,
+    };
+    jobs::enqueue(&mut tx, auth.tenant_id, &analysis, Enqueue::default()).await?;
     let event_type = EventType::platform(EventType::EPISODE_CREATED);
     let event = events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&episode)).await?;
     tx.commit().await?;

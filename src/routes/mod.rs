@@ -6,7 +6,9 @@ pub mod events;
 pub mod health;
 pub mod jobs;
 pub mod metrics;
+pub mod notification_channels;
 pub mod policies;
+pub mod reflections;
 pub mod systems;
 pub mod tenants;
 

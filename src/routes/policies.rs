@@ -6,15 +6,18 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sqlx::PgConnection;
 
 use crate::db::CreationCursor;
 use crate::db::policies::{self, Policy, PolicyInput};
 use crate::db::{events, tenant as scope};
 use crate::domain::event_type::EventType;
 use crate::domain::policy::Rules;
-use crate::domain::tenant::Name;
+use crate::domain::tenant::{Name, TenantId};
 use crate::http::error::ApiError;
 use crate::http::extract::{Admin, AppJson, AppPath, AppQuery, TenantAuth, Viewer};
+use crate::jobs::policy_evaluation::PolicyEvaluation;
+use crate::jobs::{self, Enqueue};
 use crate::state::AppState;
 
 use super::{Page, PageQuery, event_data, parse_uuid};
@@ -49,6 +52,21 @@ fn parse(name: &str, rules: Value) -> Result<(Name, Rules), ApiError> {
     Ok((name, rules))
 }
 
+/// A changed policy is checked against the latest states at once (and a deleted one's open
+/// violations resolved), not only when the next state is recorded.
+async fn reevaluate(
+    tx: &mut PgConnection,
+    tenant: TenantId,
+    policy_id: uuid::Uuid,
+) -> Result<(), ApiError> {
+    let evaluation = PolicyEvaluation {
+        policy_id: Some(policy_id),
+        ..PolicyEvaluation::default()
+    };
+    jobs::enqueue(tx, tenant, &evaluation, Enqueue::default()).await?;
+    Ok(())
+}
+
 #[tracing::instrument(skip_all)]
 pub async fn create(
     auth: TenantAuth<Admin>,
@@ -63,6 +81,7 @@ pub async fn create(
     };
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let policy = policies::create(&mut tx, auth.tenant_id, &input).await?;
+    reevaluate(&mut tx, auth.tenant_id, policy.id).await?;
     let event_type = EventType::platform(EventType::POLICY_CREATED);
     let event = events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&policy)).await?;
     tx.commit().await?;
@@ -120,6 +139,7 @@ pub async fn replace(
     let policy = policies::replace(&mut tx, auth.tenant_id, id, &input)
         .await?
         .ok_or_else(|| ApiError::not_found("policy"))?;
+    reevaluate(&mut tx, auth.tenant_id, policy.id).await?;
     let event_type = EventType::platform(EventType::POLICY_UPDATED);
     let event = events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&policy)).await?;
     tx.commit().await?;
@@ -138,6 +158,7 @@ pub async fn delete(
     let policy = policies::delete(&mut tx, auth.tenant_id, id)
         .await?
         .ok_or_else(|| ApiError::not_found("policy"))?;
+    reevaluate(&mut tx, auth.tenant_id, policy.id).await?;
     let event_type = EventType::platform(EventType::POLICY_DELETED);
     let data = json!({"id": policy.id, "name": policy.name, "version": policy.version});
     let event = events::append(&mut tx, auth.tenant_id, &event_type, &data).await?;

@@ -14,6 +14,8 @@ use crate::domain::event_type::EventType;
 use crate::domain::system::SystemId;
 use crate::http::error::ApiError;
 use crate::http::extract::{AppJson, AppPath, AppQuery, Operator, TenantAuth, Viewer};
+use crate::jobs::policy_evaluation::PolicyEvaluation;
+use crate::jobs::{self, Enqueue};
 use crate::state::AppState;
 
 use super::{Page, PageQuery, event_data};
@@ -49,6 +51,12 @@ pub async fn record(
     crate::domain::reject_nul("state", &body_state).map_err(ApiError::validation)?;
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let recorded = system_states::record(&mut tx, auth.tenant_id, system, &body_state).await?;
+    let evaluation = PolicyEvaluation {
+        system: Some(recorded.system),
+        version: Some(recorded.version),
+        ..PolicyEvaluation::default()
+    };
+    jobs::enqueue(&mut tx, auth.tenant_id, &evaluation, Enqueue::default()).await?;
     let event_type = EventType::platform(EventType::SYSTEM_STATE);
     let event =
         events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&recorded)).await?;

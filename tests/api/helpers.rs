@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cybernetic::config::Config;
-use cybernetic::startup::App;
+use cybernetic::jobs::Registry;
+use cybernetic::startup::{App, Mode};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -141,9 +142,17 @@ pub struct TestApp {
 pub struct Options {
     pub env: HashMap<String, String>,
     pub db_name: Option<String>,
+    /// Runs the platform's job pool in-process (`serve` without `--no-workers`). Off by default:
+    /// tests drive jobs step by step with their own pools.
+    pub workers: bool,
 }
 
 impl Options {
+    pub fn workers(mut self) -> Self {
+        self.workers = true;
+        self
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.insert(key.to_owned(), value.to_owned());
         self
@@ -174,7 +183,8 @@ impl TestApp {
         env.extend(options.env);
         let config = Config::from_source(&|k| env.get(k).cloned()).expect("test config");
         let shutdown = CancellationToken::new();
-        let app = App::build(config, shutdown.clone())
+        let jobs = options.workers.then(|| Registry::platform(&config));
+        let app = App::build_as(config, shutdown.clone(), Mode::Serve { jobs })
             .await
             .expect("build app");
         let addr = app.local_addr().expect("local addr");

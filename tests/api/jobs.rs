@@ -113,6 +113,7 @@ fn config() -> JobsConfig {
         prefetch: 2,
         drain_timeout: Duration::from_millis(300),
         retention: Duration::from_secs(7 * 24 * 3600),
+        cron: cybernetic::config::CronConfig::default(),
     }
 }
 
