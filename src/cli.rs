@@ -134,7 +134,14 @@ async fn tenant(cmd: TenantCommand, db: &Db) -> anyhow::Result<()> {
         TenantCommand::Create { name, slug } => {
             let name = Name::parse("name", &name)?;
             let slug = Slug::parse(&slug)?;
-            let t = tenants::create(&mut tx, TenantId::generate(), &name, &slug).await?;
+            let t = tenants::create(
+                &mut tx,
+                TenantId::generate(),
+                &name,
+                &slug,
+                &Default::default(),
+            )
+            .await?;
             println!("created tenant {} ({}) id={}", t.name, t.slug, t.id);
         }
         TenantCommand::List => {

@@ -119,6 +119,8 @@ pub struct JobView {
     pub id: Uuid,
     pub kind: String,
     pub queue: String,
+    /// The job's arguments, as enqueued.
+    pub args: Value,
     pub state: String,
     pub priority: i16,
     pub attempts: i32,
@@ -143,6 +145,7 @@ struct JobRow {
     id: Uuid,
     kind: String,
     queue: String,
+    args: Value,
     state: String,
     priority: i16,
     attempts: i32,
@@ -163,6 +166,7 @@ impl From<JobRow> for JobView {
             id: r.id,
             kind: r.kind,
             queue: r.queue,
+            args: r.args,
             state: r.state,
             priority: r.priority,
             attempts: r.attempts,
@@ -182,7 +186,7 @@ impl From<JobRow> for JobView {
 }
 
 /// The columns of a [`JobRow`], with `scheduled` for available jobs not yet due.
-const VIEW_COLUMNS: &str = "id, kind, queue,
+const VIEW_COLUMNS: &str = "id, kind, queue, args,
     case when state = 'available' and run_at > now() then 'scheduled' else state end as state,
     priority, attempts, max_attempts, progress_percent, progress_message, result, last_error,
     run_at, created_at, started_at, finished_at";

@@ -84,9 +84,51 @@ impl Name {
     }
 }
 
+/// A tenant's settings, as stored in `tenants.settings`. Known keys only, so a typo is refused
+/// rather than silently ignored:
+/// - `timezone`: an IANA name; scheduled reflections follow the tenant's wall clock (default UTC).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+}
+
+impl Settings {
+    pub fn parse(raw: serde_json::Value) -> Result<Self, ParseError> {
+        if !raw.is_object() {
+            return Err(ParseError::new("settings", "must be an object"));
+        }
+        let settings: Self =
+            serde_json::from_value(raw).map_err(|e| ParseError::new("settings", e.to_string()))?;
+        if let Some(zone) = &settings.timezone {
+            super::schedule::parse_timezone("settings.timezone", zone)?;
+        }
+        Ok(settings)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings() {
+        let ok = Settings::parse(serde_json::json!({"timezone": "Europe/Berlin"})).unwrap();
+        assert_eq!(ok.timezone.as_deref(), Some("Europe/Berlin"));
+        assert_eq!(
+            Settings::parse(serde_json::json!({})).unwrap(),
+            Settings::default()
+        );
+        for bad in [
+            serde_json::json!({"timezone": "Berlin"}),
+            serde_json::json!({"timezone": 1}),
+            serde_json::json!({"tz": "UTC"}),
+            serde_json::json!([]),
+        ] {
+            assert!(Settings::parse(bad.clone()).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn slugs() {

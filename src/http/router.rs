@@ -4,7 +4,7 @@
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, patch, post, put};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -22,6 +22,7 @@ use super::middleware;
 pub fn build(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
+        .route("/v1/tenants/{id}", patch(tenants::update))
         .route("/v1/tenants/{id}/api-keys", post(tenants::create_api_key))
         .route("/v1/api-keys", get(api_keys::list).post(api_keys::create))
         .route("/v1/api-keys/{id}", delete(api_keys::revoke))

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::db::CreationCursor;
 use crate::db::tenant as scope;
 use crate::db::tenants::{self, Tenant};
-use crate::domain::tenant::{Name, Slug, TenantId};
+use crate::domain::tenant::{Name, Settings, Slug, TenantId};
 use crate::http::error::ApiError;
 use crate::http::extract::{AppJson, AppPath, AppQuery, PlatformAdmin};
 use crate::state::AppState;
@@ -21,6 +21,13 @@ use super::{Page, PageQuery, parse_uuid};
 pub struct CreateTenant {
     name: String,
     slug: String,
+    settings: Option<serde_json::Value>,
+}
+
+fn settings(raw: Option<serde_json::Value>) -> Result<Option<Settings>, ApiError> {
+    raw.map(Settings::parse)
+        .transpose()
+        .map_err(ApiError::validation)
 }
 
 #[tracing::instrument(skip_all)]
@@ -31,10 +38,42 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Tenant>), ApiError> {
     let name = Name::parse("name", &body.name).map_err(ApiError::validation)?;
     let slug = Slug::parse(&body.slug).map_err(ApiError::validation)?;
+    let settings = settings(body.settings)?.unwrap_or_default();
     let mut tx = scope::begin_platform(state.db.primary()).await?;
-    let tenant = tenants::create(&mut tx, TenantId::generate(), &name, &slug).await?;
+    let tenant = tenants::create(&mut tx, TenantId::generate(), &name, &slug, &settings).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(tenant)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTenant {
+    name: Option<String>,
+    settings: Option<serde_json::Value>,
+}
+
+/// Renames a tenant or replaces its settings.
+#[tracing::instrument(skip_all)]
+pub async fn update(
+    _: PlatformAdmin,
+    State(state): State<AppState>,
+    AppPath(id): AppPath<String>,
+    AppJson(body): AppJson<UpdateTenant>,
+) -> Result<Json<Tenant>, ApiError> {
+    let id = parse_uuid("id", &id)?;
+    let name = body
+        .name
+        .as_deref()
+        .map(|n| Name::parse("name", n))
+        .transpose()
+        .map_err(ApiError::validation)?;
+    let settings = settings(body.settings)?;
+    let mut tx = scope::begin_platform(state.db.primary()).await?;
+    let tenant = tenants::update(&mut tx, id, name.as_ref(), settings.as_ref())
+        .await?
+        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    tx.commit().await?;
+    Ok(Json(tenant))
 }
 
 #[tracing::instrument(skip_all)]

@@ -105,7 +105,7 @@ fn registry() -> Registry {
         .register::<CrashProbe>()
 }
 
-fn config() -> JobsConfig {
+pub fn config() -> JobsConfig {
     JobsConfig {
         concurrency: [2, 2, 1, 1],
         poll_interval: Duration::from_millis(50),
@@ -124,6 +124,11 @@ fn pool(app: &TestApp, config: JobsConfig) -> (Pool, Db) {
 }
 
 fn pool_on(db_name: &str, config: JobsConfig) -> (Pool, Db) {
+    pool_running(db_name, registry(), config)
+}
+
+/// A pool running `registry`'s kinds over `db_name`, with its own event hub.
+pub fn pool_running(db_name: &str, registry: Registry, config: JobsConfig) -> (Pool, Db) {
     let db = Db::connect_lazy(
         &Secret::new(app_url(db_name)),
         &DatabaseConfig {
@@ -136,7 +141,7 @@ fn pool_on(db_name: &str, config: JobsConfig) -> (Pool, Db) {
     )
     .expect("database options");
     let bus = EventBus::new(Hub::new(db.clone(), 64), None);
-    (Pool::new(db.clone(), bus, registry(), config), db)
+    (Pool::new(db.clone(), bus, registry, config), db)
 }
 
 async fn enqueue<J: Job>(db: &Db, tenant: &str, job: &J, how: Enqueue<'_>) -> jobs::Enqueued {

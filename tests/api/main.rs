@@ -15,3 +15,4 @@ mod resources;
 mod streams;
 mod systems;
 mod tls;
+mod workers;
