@@ -294,42 +294,34 @@ fn char_before(text: &str, pos: usize) -> Option<char> {
     text.get(..pos)?.chars().next_back()
 }
 
-fn starts_with_ignore_ascii_case(haystack: &[u8], prefix: &[u8]) -> bool {
-    haystack
-        .get(..prefix.len())
-        .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+fn ends_with_ignore_ascii_case(haystack: &[u8], suffix: &[u8]) -> bool {
+    let tail = haystack
+        .len()
+        .checked_sub(suffix.len())
+        .and_then(|at| haystack.get(at..));
+    tail.is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
 }
 
 fn find_urls(text: &str) -> Vec<Range<usize>> {
-    let bytes = text.as_bytes();
     let mut spans = Vec::new();
-    let mut pos = 0;
-    // Only ASCII bytes are compared, so every position acted on is a char boundary.
-    while let Some(rest) = bytes.get(pos..) {
-        let Some(offset) = rest.iter().position(|&b| b == b'h' || b == b'H') else {
-            break;
-        };
-        let start = pos + offset;
-        let tail = bytes.get(start..).unwrap_or_default();
-        let scheme_len = if starts_with_ignore_ascii_case(tail, b"https://") {
-            8
-        } else if starts_with_ignore_ascii_case(tail, b"http://") {
-            7
+    let mut resume = 0;
+    for (colon, _) in text.match_indices("://") {
+        // The scheme is ASCII, so `start` is a char boundary whenever it matches.
+        let head = text.as_bytes().get(..colon).unwrap_or_default();
+        let scheme_len = if ends_with_ignore_ascii_case(head, b"https") {
+            5
+        } else if ends_with_ignore_ascii_case(head, b"http") {
+            4
         } else {
-            pos = start + 1;
             continue;
         };
-        let body_start = start + scheme_len;
-        if char_before(text, start).is_some_and(char::is_alphanumeric) {
-            pos = body_start;
+        let start = colon - scheme_len;
+        if start < resume || char_before(text, start).is_some_and(char::is_alphanumeric) {
             continue;
         }
-        match url_end(text, body_start) {
-            Some(end) => {
-                spans.push(start..end);
-                pos = end;
-            }
-            None => pos = body_start,
+        if let Some(end) = url_end(text, colon + 3) {
+            spans.push(start..end);
+            resume = end;
         }
     }
     spans
@@ -464,13 +456,13 @@ fn find_mentions_and_tags(
 ) -> (Vec<Range<usize>>, Vec<Range<usize>>) {
     let mut mentions = Vec::new();
     let mut tags = Vec::new();
-    for (pos, sigil) in text.match_indices(['@', '#']) {
-        if inside(claimed, pos) {
+    for (pos, &sigil) in text.as_bytes().iter().enumerate() {
+        if !matches!(sigil, b'@' | b'#') || inside(claimed, pos) {
             continue;
         }
         let before = char_before(text, pos);
         let rest = text.get(pos + 1..).unwrap_or_default();
-        let (len, list) = if sigil == "@" {
+        let (len, list) = if sigil == b'@' {
             if before.is_some_and(is_handle_char) {
                 continue;
             }
@@ -768,11 +760,16 @@ fn normalize_term<'b>(word: &str, buf: &'b mut String) -> Option<&'b str> {
         return None;
     }
     buf.clear();
-    for c in word.chars() {
-        match c {
-            '’' => buf.push('\''),
-            '‐' => buf.push('-'),
-            c => buf.extend(c.to_lowercase()),
+    if word.is_ascii() {
+        buf.push_str(word);
+        buf.make_ascii_lowercase();
+    } else {
+        for c in word.chars() {
+            match c {
+                '’' => buf.push('\''),
+                '‐' => buf.push('-'),
+                c => buf.extend(c.to_lowercase()),
+            }
         }
     }
     if buf.ends_with("'s") {
@@ -1339,12 +1336,21 @@ mod tests {
     fn perf_probe() {
         let base = "Our team met on Monday with @ann and https://x.example/a. Budget, hiring, e.g. ops #plan. ";
         let mut docs = Vec::new();
-        for i in 0..200 { let mut t = base.repeat(1100); t.push_str(&format!(" unique{i} word{i}")); docs.push(t); }
+        for i in 0..200 {
+            let mut t = base.repeat(1100);
+            t.push_str(&format!(" unique{i} word{i}"));
+            docs.push(t);
+        }
         let corpus: Vec<Document<'_>> = docs.iter().map(|d| doc("Title here", d)).collect();
         for _ in 0..5 {
-        let t = std::time::Instant::now();
-        let a = analyze_text(doc("T", &docs[0]), &corpus);
-        eprintln!("elapsed {:?} chars {} words {}", t.elapsed(), a.character_count, a.word_count);
+            let t = std::time::Instant::now();
+            let a = analyze_text(doc("T", &docs[0]), &corpus);
+            eprintln!(
+                "elapsed {:?} chars {} words {}",
+                t.elapsed(),
+                a.character_count,
+                a.word_count
+            );
         }
     }
 }

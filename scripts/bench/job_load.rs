@@ -1,14 +1,15 @@
 //! The job pool benchmark for scripts/bench/jobs.sh, in the phases the graphile-worker peer script
 //! runs, against a migrated database as the app role:
 //!
-//! 1. enqueue latency: `producers` tasks each enqueue their share of `jobs` no-op jobs, one
-//!    transaction per job (as a request handler would);
+//! 1. enqueue latency: `producers` tasks each enqueue their share of `jobs` no-op jobs, each in a
+//!    tenant transaction of its own (`tx`: `jobs::enqueue`, as a request handler enqueues with its
+//!    write) or on its own (`alone`: `jobs::enqueue_alone`, one statement);
 //! 2. drain: a pool with `concurrency` slots on the default queue (and `prefetch`) runs them all;
 //!    jobs/s from its start until none is left unfinished;
 //! 3. pickup: 200 jobs enqueued one at a time, 20 ms apart, with the pool idle; enqueue commit to
 //!    handler start.
 //!
-//! Usage: job-load <app-database-url> <tenant-id> <jobs> <concurrency> <producers> <prefetch>
+//! Usage: job-load <app-database-url> <tenant-id> <jobs> <concurrency> <producers> <prefetch> <tx|alone>
 //! Prints one JSON object.
 
 use std::sync::Mutex;
@@ -59,11 +60,15 @@ fn percentiles(mut v: Vec<f64>) -> Value {
     json!({"count": v.len(), "p50": at(0.5), "p95": at(0.95), "p99": at(0.99), "max": at(1.0)})
 }
 
-async fn enqueue_one(db: &Db, tenant: TenantId) -> anyhow::Result<()> {
-    let mut tx = scope::begin(db.primary(), tenant).await?;
+async fn enqueue_one(db: &Db, tenant: TenantId, alone: bool) -> anyhow::Result<()> {
     let job = Noop {
         t: cybernetic::events::now_us(),
     };
+    if alone {
+        jobs::enqueue_alone(db, tenant, &job, Enqueue::default()).await?;
+        return Ok(());
+    }
+    let mut tx = scope::begin(db.primary(), tenant).await?;
     jobs::enqueue(&mut tx, tenant, &job, Enqueue::default()).await?;
     tx.commit().await?;
     Ok(())
@@ -81,10 +86,15 @@ async fn unfinished(db: &Db, tenant: TenantId) -> anyhow::Result<i64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, url, tenant, jobs, concurrency, producers, prefetch] = args.as_slice() else {
+    let [_, url, tenant, jobs, concurrency, producers, prefetch, mode] = args.as_slice() else {
         anyhow::bail!(
-            "usage: job-load <app-database-url> <tenant-id> <jobs> <concurrency> <producers> <prefetch>"
+            "usage: job-load <app-database-url> <tenant-id> <jobs> <concurrency> <producers> <prefetch> <tx|alone>"
         );
+    };
+    let alone = match mode.as_str() {
+        "tx" => false,
+        "alone" => true,
+        other => anyhow::bail!("mode must be tx or alone, not {other}"),
     };
     let tenant = TenantId::from_uuid(tenant.parse()?);
     let (jobs, concurrency, producers, prefetch): (usize, usize, usize, usize) = (
@@ -114,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
             let mut lat = Vec::with_capacity(share);
             for _ in 0..share {
                 let t = Instant::now();
-                enqueue_one(&db, tenant).await?;
+                enqueue_one(&db, tenant, alone).await?;
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             anyhow::Ok(lat)
@@ -150,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
     // Phase 3: pickup while idle.
     PICKUPS.lock().expect("pickups").clear();
     for _ in 0..200 {
-        enqueue_one(&db, tenant).await?;
+        enqueue_one(&db, tenant, alone).await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -51,8 +51,8 @@ cp "$gw_dir"/gw_bench.mjs "$gw_dir"/package.json "$work/"
 (cd "$work" && npm install --silent --no-audit --no-fund >/dev/null)
 gw_url="${superuser%/*}/gwbench"
 
-ours() { # producers
-  "$load" "$app_url" "$tenant" "$jobs" "$concurrency" "$1" "$prefetch"
+ours() { # producers mode
+  "$load" "$app_url" "$tenant" "$jobs" "$concurrency" "$1" "$prefetch" "$2"
 }
 peer() { # producers -> the same JSON shape as ours
   (cd "$work" && DATABASE_URL=$gw_url node gw_bench.mjs "$jobs" "$concurrency" "$1" "$prefetch") | python3 -c '
@@ -74,9 +74,13 @@ print(json.dumps(out))'
 
 results=$work/results.jsonl
 for producers in 1 8; do
-  for target in cybernetic graphile-worker; do
+  for target in "cybernetic (tx)" "cybernetic (alone)" graphile-worker; do
     echo "bench: $target, $producers producer(s)" >&2
-    if [[ $target == cybernetic ]]; then r=$(ours "$producers"); else r=$(peer "$producers"); fi
+    case $target in
+      "cybernetic (tx)") r=$(ours "$producers" tx) ;;
+      "cybernetic (alone)") r=$(ours "$producers" alone) ;;
+      *) r=$(peer "$producers") ;;
+    esac
     echo "$r" >&2
     python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["target"]=sys.argv[2]; r["producers"]=int(sys.argv[3]); print(json.dumps(r))' \
       "$r" "$target" "$producers" >>"$results"
@@ -105,7 +109,7 @@ if ((write)); then
     echo "- command: \`scripts/bench/jobs.sh --write\` (JOBS=$jobs, CONCURRENCY=$concurrency, PREFETCH=$prefetch)"
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit \`$(git describe --always --dirty --abbrev=12)\`"
     echo "- machine: $(nproc) CPUs, $(LC_ALL=C lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1), $(awk '/^MemTotal:/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo); both queues, their producers and PostgreSQL share the 2 cores"
-    echo "- Cybernetic: release build, one pool on the default queue (concurrency $concurrency, JOB_PREFETCH $prefetch), the app role under row-level security; each enqueue is its own tenant transaction; each finished job also appends a job.completed event to the tenant's log"
+    echo "- Cybernetic: release build, one pool on the default queue (concurrency $concurrency, JOB_PREFETCH $prefetch), the app role under row-level security; (tx) each enqueue is \`jobs::enqueue\` in a tenant transaction of its own (begin, insert, commit: what a handler does with its write), (alone) \`jobs::enqueue_alone\`, one statement that commits by itself like graphile-worker's addJob; each finished job also appends a job.completed event to the tenant's log"
     echo "- graphile-worker: $(cd "$work" && node -e 'console.log(require("./node_modules/graphile-worker/package.json").version)' 2>/dev/null || echo '?'), the peers folder's gw_bench.mjs (concurrency $concurrency, localQueue $prefetch), its own database, as superuser"
     echo
     echo "$table"

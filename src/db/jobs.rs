@@ -78,6 +78,30 @@ pub async fn insert(
     Ok((existing.0, false))
 }
 
+/// [`insert`] as a statement of its own (`enqueue_job`, migration 000006): given a pool, it runs
+/// outside any transaction and commits by itself, in one round trip.
+#[tracing::instrument(skip_all, fields(kind = job.kind))]
+pub async fn insert_alone(
+    pool: &PgPool,
+    tenant: TenantId,
+    job: &NewJob<'_>,
+) -> DbResult<(Uuid, bool)> {
+    Ok(
+        sqlx::query_as("select * from enqueue_job($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind(tenant.as_uuid())
+            .bind(Uuid::now_v7())
+            .bind(job.kind)
+            .bind(job.queue.as_str())
+            .bind(job.priority)
+            .bind(job.args)
+            .bind(job.max_attempts)
+            .bind(job.run_at)
+            .bind(job.idempotency_key)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
 /// One cron tick's job, enqueued for every tenant (or those of one timezone) at once.
 #[derive(Debug, Clone)]
 pub struct TickJobs<'a> {

@@ -409,11 +409,52 @@ async fn enqueue_commits_and_rolls_back_with_its_transaction_and_keys_are_idempo
     assert_eq!(first.id, again.id);
     // Keys are per tenant: another tenant's identical key is its own job.
     let other = app.tenant("other").await;
-    let theirs = enqueue(&db, &other.id, &Flaky, key).await;
+    let theirs = enqueue(&db, &other.id, &Flaky, key.clone()).await;
     assert!(theirs.created);
     assert_ne!(theirs.id, first.id);
     let listed = expect_json(app.get("/v1/jobs", &t.viewer).await, StatusCode::OK).await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+
+    // On its own, in one statement: the same key answers with the same job, and the job is the
+    // tenant's alone.
+    let alone = jobs::enqueue_alone(&db, tenant, &Flaky, key.clone())
+        .await
+        .unwrap();
+    assert_eq!((alone.id, alone.created), (first.id, false));
+    let fresh = jobs::enqueue_alone(&db, tenant, &Flaky, Enqueue::default())
+        .await
+        .unwrap();
+    assert!(fresh.created);
+    expect_json(
+        app.get(&format!("/v1/jobs/{}", fresh.id), &t.viewer).await,
+        StatusCode::OK,
+    )
+    .await;
+    expect_problem(
+        app.get(&format!("/v1/jobs/{}", fresh.id), &other.viewer)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    // Called inside another tenant's transaction, it leaves that transaction's tenant in place.
+    let theirs_tenant = TenantId::from_uuid(other.id.parse().unwrap());
+    let mut tx = scope::begin(db.primary(), theirs_tenant).await.unwrap();
+    let (_, created): (uuid::Uuid, bool) = sqlx::query_as(
+        "select * from enqueue_job($1, $2, 'flaky', 'default', 0::smallint, 'null', 3, null, null)",
+    )
+    .bind(tenant.as_uuid())
+    .bind(uuid::Uuid::now_v7())
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert!(created);
+    let (setting,): (String,) = sqlx::query_as("select current_setting('app.tenant_id')")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(setting, other.id);
+    tx.rollback().await.unwrap();
 }
 
 #[tokio::test]
