@@ -258,8 +258,10 @@ impl Config {
         if jobs.lease < Duration::from_secs(1) {
             return Err(ConfigError::new("JOB_LEASE", "must be at least 1s"));
         }
-        if jobs.retention < Duration::from_secs(60) {
-            return Err(ConfigError::new("JOB_RETENTION", "must be at least 1m"));
+        // Longer than the cron catch-up window, so a restarted scheduler always finds the jobs of
+        // the ticks it enqueues again (their idempotency keys) and adds nothing.
+        if jobs.retention < Duration::from_secs(600) {
+            return Err(ConfigError::new("JOB_RETENTION", "must be at least 10m"));
         }
         let notifications = NotificationsConfig {
             allow_http: src.flag("WEBHOOK_ALLOW_HTTP", false)?,
@@ -401,7 +403,7 @@ impl Source<'_> {
             Some("false" | "0" | "no") => Ok(false),
             Some(other) => Err(ConfigError::new(
                 name,
-                format!("'{other}' is not one of true, false"),
+                format!("'{other}' is not one of true, false, 1, 0, yes, no"),
             )),
         }
     }

@@ -7,15 +7,17 @@ use crate::domain::tenant::TenantId;
 
 use super::DbResult;
 
-/// The latest state of each system with its age, open violations by severity and unfinished or
-/// dead jobs by state, as one JSON object.
+/// The latest state of each system with its age, open violations by severity, jobs waiting or
+/// retrying, and jobs that died in the last day, as one JSON object.
 #[tracing::instrument(skip_all)]
 pub async fn snapshot(conn: &mut PgConnection, tenant: TenantId) -> DbResult<Value> {
     Ok(sqlx::query_scalar(
         "select jsonb_build_object(
              'systems', (
                  select coalesce(jsonb_agg(jsonb_build_object(
-                            'system', sys.n, 'version', s.version, 'recorded_at', s.recorded_at,
+                            'system', sys.n, 'version', s.version,
+                            'recorded_at', to_char(s.recorded_at at time zone 'UTC',
+                                                   'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                             'age_seconds', floor(extract(epoch from now() - s.recorded_at)))
                           order by sys.n), '[]')
                    from unnest('{1,2,3,4,5}'::smallint[]) as sys(n)
@@ -31,7 +33,8 @@ pub async fn snapshot(conn: &mut PgConnection, tenant: TenantId) -> DbResult<Val
                  select coalesce(jsonb_object_agg(state, n), '{}')
                    from (select state, count(*) as n from jobs
                           where tenant_id = $1
-                            and state in ('available', 'running', 'retrying', 'dead')
+                            and (state in ('available', 'retrying')
+                                 or (state = 'dead' and finished_at > now() - interval '1 day'))
                           group by state) j))",
     )
     .bind(tenant.as_uuid())

@@ -25,9 +25,8 @@ pub use crate::domain::schedule::Expr;
 
 /// Ticks this far back are enqueued when a scheduler starts (and after a database outage).
 pub const CATCH_UP: Duration = Duration::from_secs(300);
-/// How often the set of tenant timezones is read again.
-const ZONES_REFRESH: Duration = Duration::from_secs(60);
-/// The longest the scheduler sleeps, so a new timezone is seen in time.
+/// The longest the scheduler sleeps, so a timezone new since its last pass is seen in time (its
+/// ticks since that pass are enqueued when it is seen).
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
 /// What a scheduled job is given: the tick it runs for.
@@ -164,22 +163,23 @@ pub(super) async fn run(db: Db, schedules: Vec<Arc<Schedule>>, shutdown: Cancell
     let catch_up = chrono::Duration::from_std(CATCH_UP).unwrap_or_default();
     let mut after = Utc::now() - catch_up;
     let mut zones: Vec<Tz> = Vec::new();
-    let mut zones_read: Option<tokio::time::Instant> = None;
     let local = schedules.iter().any(|s| s.local_time);
     loop {
-        if local && zones_read.is_none_or(|at| at.elapsed() >= ZONES_REFRESH) {
-            match self::zones(&db).await {
-                Ok(z) => {
-                    zones = z;
-                    zones_read = Some(tokio::time::Instant::now());
-                }
-                Err(e) => tracing::warn!(error = %e, "cron: cannot read tenant timezones"),
-            }
-        }
         let now = Utc::now();
         // Never further back than the catch-up window, however long the database was away.
         after = after.max(now - catch_up);
-        let failed = match enqueue_in(&db, &schedules, &zones, after, now).await {
+        // The timezones are read on every pass (one small query at each tick), so a pass never
+        // moves on without the ticks of a timezone that appeared since the last one.
+        let read = if local {
+            self::zones(&db).await.map(|z| zones = z)
+        } else {
+            Ok(())
+        };
+        let enqueued = match read {
+            Ok(()) => enqueue_in(&db, &schedules, &zones, after, now).await,
+            Err(e) => Err(e),
+        };
+        let failed = match enqueued {
             Ok(_) => {
                 after = now;
                 false

@@ -46,26 +46,32 @@ impl Job for EpisodeAnalysis {
         ctx.progress(20, "analysing").await?;
 
         let analyzer = ctx.services.analyzer.clone();
-        let documents: Vec<Document<'_>> = corpus
-            .iter()
-            .map(|(title, content)| Document { title, content })
-            .collect();
-        let analysis = analyzer
-            .analyze(
-                Document {
-                    title: &episode.title,
-                    content: &episode.content,
-                },
-                &documents,
-            )
-            .await
-            .map_err(|e| {
-                if e.retryable {
-                    JobError::retry(format!("analysis: {e}"))
-                } else {
-                    JobError::permanent(format!("analysis: {e}"))
-                }
-            })?;
+        let compared_with = corpus.len();
+        // Off the async workers: the text analyzer is CPU work (up to a fraction of a second on a
+        // large episode against a large corpus), and an analyzer that calls out still can.
+        let runtime = tokio::runtime::Handle::current();
+        let (title, content) = (episode.title.clone(), episode.content.clone());
+        let work = analyzer.clone();
+        let analysis = tokio::task::spawn_blocking(move || {
+            let documents: Vec<Document<'_>> = corpus
+                .iter()
+                .map(|(title, content)| Document { title, content })
+                .collect();
+            let episode = Document {
+                title: &title,
+                content: &content,
+            };
+            runtime.block_on(work.analyze(episode, &documents))
+        })
+        .await
+        .map_err(|e| JobError::retry(format!("analysis task: {e}")))?
+        .map_err(|e| {
+            if e.retryable {
+                JobError::retry(format!("analysis: {e}"))
+            } else {
+                JobError::permanent(format!("analysis: {e}"))
+            }
+        })?;
 
         let mut tx = scope::begin(ctx.db.primary(), tenant).await?;
         if !episodes::set_analysis(&mut tx, tenant, episode.id, &analysis).await? {
@@ -84,7 +90,7 @@ impl Job for EpisodeAnalysis {
         Ok(json!({
             "episode_id": episode.id,
             "analyzer": analyzer.name(),
-            "compared_with": corpus.len(),
+            "compared_with": compared_with,
         }))
     }
 }

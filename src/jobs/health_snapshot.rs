@@ -1,7 +1,8 @@
 //! `health_snapshot` (cron, hourly by default): records each tenant's health as a
-//! `health.snapshot` event: the age of each system's latest state, open violations by severity
-//! and unfinished or dead jobs, with an overall status (`critical` with an open critical
-//! violation, `degraded` with any other open violation or a dead job, else `ok`).
+//! `health.snapshot` event: the age of each system's latest state, open violations by severity,
+//! jobs waiting or retrying and jobs that died in the last day, with an overall status
+//! (`critical` with an open critical violation, `degraded` with any other open violation or a job
+//! dead in the last day, else `ok`).
 
 use std::time::Duration;
 

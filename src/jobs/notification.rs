@@ -37,7 +37,8 @@ impl Job for Notification {
     const MAX_ATTEMPTS: i32 = 12;
     const TIMEOUT: Duration = Duration::from_secs(60);
 
-    /// 10 s, 20 s, 40 s ... up to an hour: about 5 hours end to end before the job is dead.
+    /// 10 s, 20 s, 40 s ... up to an hour (each jittered to half or more): about 1¾ to 3½ hours
+    /// from the first attempt to the last.
     fn backoff(attempt: i32) -> Duration {
         backoff::exponential(attempt, Duration::from_secs(10), Duration::from_secs(3600))
     }

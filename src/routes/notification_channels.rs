@@ -133,7 +133,7 @@ pub async fn get(
     AppPath(id): AppPath<String>,
 ) -> Result<Json<Channel>, ApiError> {
     let id = parse_uuid("id", &id)?;
-    let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
+    let mut tx = scope::begin_read(&state.db, auth.tenant_id).await?;
     let channel = channels::get(&mut tx, auth.tenant_id, id).await?;
     scope::end_read(tx);
     channel

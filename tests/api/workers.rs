@@ -746,3 +746,82 @@ async fn serve_runs_the_platform_workers_in_process() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_platform_admin_sets_a_tenants_timezone() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("zoned").await;
+    let path = format!("/v1/tenants/{}", t.id);
+    let patch = |token: String, body: Value| {
+        let path = path.clone();
+        let app = &app;
+        async move {
+            app.send(reqwest::Method::PATCH, &path, Some(&token), Some(body))
+                .await
+        }
+    };
+    let updated = expect_json(
+        patch(
+            app.admin_token.clone(),
+            json!({"settings": {"timezone": "America/New_York"}}),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(updated["settings"], json!({"timezone": "America/New_York"}));
+    assert_eq!(updated["name"], "ZONED", "the name is kept");
+    let renamed = expect_json(
+        patch(app.admin_token.clone(), json!({"name": "Zoned Inc"})).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(renamed["settings"]["timezone"], "America/New_York");
+    expect_problem(
+        patch(
+            app.admin_token.clone(),
+            json!({"settings": {"timezone": "EST5"}}),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    expect_problem(
+        patch(
+            app.admin_token.clone(),
+            json!({"settings": {"locale": "en"}}),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    expect_problem(
+        patch(t.admin.clone(), json!({"name": "mine"})).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    expect_problem(
+        app.send(
+            reqwest::Method::PATCH,
+            &format!("/v1/tenants/{}", uuid::Uuid::now_v7()),
+            Some(&app.admin_token),
+            Some(json!({"name": "ghost"})),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    // The scheduler now sends this tenant New York's ticks.
+    let pool = platform(&app);
+    let now = Utc::now();
+    pool.enqueue_ticks(now, now + chrono::Duration::hours(24))
+        .await
+        .expect("enqueue");
+    let daily = jobs_of(&app, &t.viewer, "daily_reflection").await;
+    assert_eq!(daily.len(), 1);
+    assert_eq!(daily[0]["args"]["timezone"], "America/New_York");
+}
