@@ -26,5 +26,7 @@ pub mod shutdown;
 pub mod startup;
 /// Handles shared by all handlers.
 pub mod state;
+/// Object storage: one trait, local-filesystem, S3-compatible and in-memory backends.
+pub mod storage;
 /// Logging and metrics setup.
 pub mod telemetry;

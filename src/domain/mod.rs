@@ -4,6 +4,7 @@ pub mod api_key;
 pub mod channel;
 pub mod event_type;
 pub mod job;
+pub mod object_key;
 pub mod pagination;
 pub mod policy;
 pub mod role;

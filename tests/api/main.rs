@@ -12,6 +12,7 @@ mod malformed;
 mod metrics;
 mod replica;
 mod resources;
+mod storage;
 mod streams;
 mod systems;
 mod tls;

@@ -1,0 +1,370 @@
+//! The local-filesystem backend.
+//!
+//! Layout under the root: `objects/<path>\` holds an object (the trailing `\`, a character keys
+//! may not contain, keeps an object `a` and the objects under `a/` apart), and `.tmp/` holds
+//! uploads in progress. An object's file is its bytes followed by a trailer: its metadata as JSON,
+//! the JSON's length (8 bytes, little-endian) and the magic `CYBOBJ\0\x01`.
+//!
+//! A put streams the body into a new file in `.tmp/` (constant memory, hashing as it goes), writes
+//! the trailer, fsyncs the file, renames it into place (or links it, when it must not replace an
+//! object) and fsyncs the directory: readers see the old object or the whole new one, never a part,
+//! and a crash leaves at most a temp file, which [`LocalStorage::open`] removes at the next start.
+//! Symbolic links are never followed: a path through one is refused.
+
+use std::ffi::OsString;
+use std::io::SeekFrom;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
+use tokio::fs::{self, File};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
+
+use super::{
+    ByteStream, GetResult, ListPage, ObjectMeta, PutOptions, Storage, StorageError, StoragePath,
+    fit_range,
+};
+
+const MAGIC: &[u8; 8] = b"CYBOBJ\x00\x01";
+const TRAILER_FIXED: u64 = 16;
+/// Metadata beyond this is not a trailer this backend wrote.
+const MAX_TRAILER_JSON: u64 = 1 << 20;
+const OBJECT_SUFFIX: char = '\\';
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    objects: PathBuf,
+    tmp: PathBuf,
+}
+
+impl LocalStorage {
+    /// Opens the store at `root` (creating it), and removes what uploads cut off by a crash left
+    /// in its temp directory.
+    pub async fn open(root: impl AsRef<Path>) -> Result<Self, StorageError> {
+        let root = root.as_ref();
+        fs::create_dir_all(root).await?;
+        let root = fs::canonicalize(root).await?;
+        let objects = root.join("objects");
+        let tmp = root.join(".tmp");
+        fs::create_dir_all(&objects).await?;
+        fs::create_dir_all(&tmp).await?;
+        let mut stale = fs::read_dir(&tmp).await?;
+        let mut removed = 0;
+        while let Some(entry) = stale.next_entry().await? {
+            fs::remove_file(entry.path()).await?;
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed uploads left unfinished by an earlier run");
+        }
+        Ok(Self { objects, tmp })
+    }
+
+    fn file(&self, path: &StoragePath) -> PathBuf {
+        let mut name = OsString::from(path.as_str());
+        name.push(OBJECT_SUFFIX.to_string());
+        self.objects.join(name)
+    }
+
+    /// Refuses a path that passes through a symbolic link below the objects directory.
+    async fn no_links(&self, path: &Path) -> Result<(), StorageError> {
+        let Ok(below) = path.strip_prefix(&self.objects) else {
+            return Err(StorageError::Backend(
+                "path outside the storage root".into(),
+            ));
+        };
+        let mut at = self.objects.clone();
+        for part in below.components() {
+            at.push(part);
+            match fs::symlink_metadata(&at).await {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(StorageError::Backend(format!(
+                        "refusing to follow a symbolic link at {}",
+                        at.display()
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn open_object(&self, path: &StoragePath) -> Result<(File, ObjectMeta), StorageError> {
+        let file = self.file(path);
+        self.no_links(&file).await?;
+        let mut f = File::open(&file).await?;
+        let meta = read_trailer(&mut f).await?;
+        Ok((f, meta))
+    }
+
+    async fn write_temp(
+        &self,
+        path: &StoragePath,
+        mut body: ByteStream,
+        options: PutOptions,
+    ) -> Result<(PathBuf, ObjectMeta), StorageError> {
+        let temp = self
+            .tmp
+            .join(format!("{}.upload", uuid::Uuid::new_v4().simple()));
+        let file = File::create(&temp).await?;
+        let written = async {
+            let mut out = BufWriter::with_capacity(CHUNK, file);
+            let mut hash = Sha256::new();
+            let mut size: u64 = 0;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                hash.update(&chunk);
+                size += chunk.len() as u64;
+                out.write_all(&chunk).await?;
+            }
+            let meta = ObjectMeta {
+                path: path.as_str().to_owned(),
+                size,
+                content_type: options.content_type,
+                metadata: options.metadata,
+                tags: options.tags,
+                sha256: hex::encode(hash.finalize()),
+                modified_at: Utc::now(),
+            };
+            let json =
+                serde_json::to_vec(&meta).map_err(|e| StorageError::Backend(e.to_string()))?;
+            out.write_all(&json).await?;
+            out.write_all(&(json.len() as u64).to_le_bytes()).await?;
+            out.write_all(MAGIC).await?;
+            out.flush().await?;
+            out.get_ref().sync_all().await?;
+            Ok::<_, StorageError>(meta)
+        }
+        .await;
+        match written {
+            Ok(meta) => Ok((temp, meta)),
+            Err(e) => {
+                let _ = fs::remove_file(&temp).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves a finished temp file into place; with `if_absent`, only where nothing is.
+    async fn publish(
+        &self,
+        temp: &Path,
+        target: &Path,
+        if_absent: bool,
+    ) -> Result<(), StorageError> {
+        let parent = target
+            .parent()
+            .ok_or_else(|| StorageError::Backend("object path has no parent".into()))?;
+        // A concurrent delete may remove an emptied directory between creating and renaming.
+        for attempt in 0..3 {
+            fs::create_dir_all(parent).await.map_err(|e| {
+                StorageError::Backend(format!(
+                    "cannot create {}: {e} (is a prefix of this key an object's name?)",
+                    parent.display()
+                ))
+            })?;
+            self.no_links(target).await?;
+            let moved = if if_absent {
+                match fs::hard_link(temp, target).await {
+                    Ok(()) => fs::remove_file(temp).await,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return Err(StorageError::AlreadyExists);
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                fs::rename(temp, target).await
+            };
+            match moved {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 2 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        File::open(parent).await?.sync_all().await?;
+        Ok(())
+    }
+
+    /// Removes the directories a delete emptied, up to the objects root.
+    async fn prune_dirs(&self, file: &Path) {
+        let mut dir = file.parent().map(Path::to_path_buf);
+        while let Some(d) = dir {
+            if d == self.objects || !d.starts_with(&self.objects) {
+                break;
+            }
+            if fs::remove_dir(&d).await.is_err() {
+                break;
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+    }
+
+    /// Every object path under `dir`, depth first.
+    async fn walk(&self, dir: PathBuf, out: &mut Vec<String>) -> Result<(), StorageError> {
+        let mut stack = vec![dir];
+        while let Some(dir) = stack.pop() {
+            let mut entries = match fs::read_dir(&dir).await {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            while let Some(entry) = entries.next_entry().await? {
+                let kind = entry.file_type().await?;
+                if kind.is_dir() {
+                    stack.push(entry.path());
+                } else if kind.is_file()
+                    && let Ok(rel) = entry.path().strip_prefix(&self.objects)
+                    && let Some(rel) = rel.to_str()
+                    && let Some(path) = rel.strip_suffix(OBJECT_SUFFIX)
+                {
+                    out.push(path.to_owned());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn read_trailer(f: &mut File) -> Result<ObjectMeta, StorageError> {
+    let corrupt = || StorageError::Backend("object file has no valid trailer".into());
+    let len = f.metadata().await?.len();
+    if len < TRAILER_FIXED {
+        return Err(corrupt());
+    }
+    f.seek(SeekFrom::Start(len - TRAILER_FIXED)).await?;
+    let mut fixed = [0u8; 16];
+    f.read_exact(&mut fixed).await?;
+    if &fixed[8..] != MAGIC {
+        return Err(corrupt());
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&fixed[..8]);
+    let json_len = u64::from_le_bytes(n);
+    if json_len > MAX_TRAILER_JSON || json_len + TRAILER_FIXED > len {
+        return Err(corrupt());
+    }
+    f.seek(SeekFrom::Start(len - TRAILER_FIXED - json_len))
+        .await?;
+    let mut json = vec![0u8; json_len as usize];
+    f.read_exact(&mut json).await?;
+    let meta: ObjectMeta = serde_json::from_slice(&json).map_err(|_| corrupt())?;
+    if meta.size != len - TRAILER_FIXED - json_len {
+        return Err(corrupt());
+    }
+    Ok(meta)
+}
+
+impl Storage for LocalStorage {
+    fn backend(&self) -> &'static str {
+        "local"
+    }
+
+    fn put<'a>(
+        &'a self,
+        path: &'a StoragePath,
+        body: ByteStream,
+        options: PutOptions,
+    ) -> BoxFuture<'a, Result<ObjectMeta, StorageError>> {
+        Box::pin(async move {
+            let target = self.file(path);
+            if options.if_absent && fs::symlink_metadata(&target).await.is_ok() {
+                return Err(StorageError::AlreadyExists);
+            }
+            let if_absent = options.if_absent;
+            let (temp, meta) = self.write_temp(path, body, options).await?;
+            if let Err(e) = self.publish(&temp, &target, if_absent).await {
+                let _ = fs::remove_file(&temp).await;
+                return Err(e);
+            }
+            Ok(meta)
+        })
+    }
+
+    fn get<'a>(
+        &'a self,
+        path: &'a StoragePath,
+        range: Option<Range<u64>>,
+    ) -> BoxFuture<'a, Result<GetResult, StorageError>> {
+        Box::pin(async move {
+            let (mut f, meta) = self.open_object(path).await?;
+            let range = fit_range(range, meta.size)?;
+            f.seek(SeekFrom::Start(range.start)).await?;
+            let body =
+                tokio_util::io::ReaderStream::with_capacity(f.take(range.end - range.start), CHUNK)
+                    .map(|chunk: std::io::Result<Bytes>| chunk.map_err(StorageError::from));
+            Ok(GetResult {
+                meta,
+                range,
+                body: Box::pin(body),
+            })
+        })
+    }
+
+    fn head<'a>(
+        &'a self,
+        path: &'a StoragePath,
+    ) -> BoxFuture<'a, Result<ObjectMeta, StorageError>> {
+        Box::pin(async move { self.open_object(path).await.map(|(_, meta)| meta) })
+    }
+
+    fn delete<'a>(&'a self, path: &'a StoragePath) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let file = self.file(path);
+            self.no_links(&file).await?;
+            match fs::remove_file(&file).await {
+                Ok(()) => {
+                    if let Some(parent) = file.parent() {
+                        File::open(parent).await?.sync_all().await?;
+                    }
+                    self.prune_dirs(&file).await;
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn list<'a>(
+        &'a self,
+        prefix: &'a StoragePath,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<ListPage, StorageError>> {
+        Box::pin(async move {
+            // Walk from the deepest directory the prefix names whole.
+            let dir = match prefix.as_str().rfind('/') {
+                Some(i) => self.objects.join(&prefix.as_str()[..i]),
+                None => self.objects.clone(),
+            };
+            self.no_links(&dir).await?;
+            let mut paths = Vec::new();
+            self.walk(dir, &mut paths).await?;
+            paths
+                .retain(|p| p.starts_with(prefix.as_str()) && after.is_none_or(|a| p.as_str() > a));
+            paths.sort_unstable();
+            let more = paths.len() > limit;
+            paths.truncate(limit);
+            let mut items = Vec::with_capacity(paths.len());
+            for p in &paths {
+                match self.head(&StoragePath::raw(p)).await {
+                    Ok(meta) => items.push(meta),
+                    // Deleted since the walk.
+                    Err(StorageError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(ListPage {
+                next: more.then(|| paths.last().cloned()).flatten(),
+                items,
+            })
+        })
+    }
+}

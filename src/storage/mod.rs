@@ -1,0 +1,164 @@
+//! Object storage behind one trait, with a local-filesystem, an S3-compatible and an in-memory
+//! backend chosen by configuration. Bodies are streams both ways, so an object of any size passes
+//! through in constant memory.
+//!
+//! Paths come from [`StoragePath`]: a tenant's prefix and a validated [`ObjectKey`], joined by the
+//! platform, so nothing a tenant sends can reach another tenant's objects or leave the backend's
+//! root.
+//!
+//! [`ObjectKey`]: crate::domain::object_key::ObjectKey
+
+pub mod local;
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+pub use crate::domain::object_key::StoragePath;
+
+/// A body streamed in or out.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StorageError>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("no such object")]
+    NotFound,
+    /// `put` with [`PutOptions::if_absent`] found an object already there.
+    #[error("an object already exists at this key")]
+    AlreadyExists,
+    /// The range does not fit an object of `size` bytes.
+    #[error("range not satisfiable for an object of {size} bytes")]
+    InvalidRange { size: u64 },
+    /// The body stream failed (the client went away, or the upload was cut off for being too
+    /// large): nothing was stored.
+    #[error("upload interrupted: {0}")]
+    Interrupted(String),
+    #[error("storage backend: {0}")]
+    Backend(String),
+}
+
+impl From<std::io::Error> for StorageError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Self::NotFound
+        } else {
+            Self::Backend(e.to_string())
+        }
+    }
+}
+
+/// How an object is stored.
+#[derive(Debug, Clone, Default)]
+pub struct PutOptions {
+    pub content_type: String,
+    /// User metadata (`X-Artifact-Meta-*`), stored with the object.
+    pub metadata: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    /// Refuse with [`StorageError::AlreadyExists`] instead of replacing an existing object.
+    pub if_absent: bool,
+}
+
+/// What a backend knows of a stored object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectMeta {
+    pub path: String,
+    pub size: u64,
+    pub content_type: String,
+    pub metadata: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    /// Lowercase hex SHA-256 of the bytes, computed while they were written.
+    pub sha256: String,
+    pub modified_at: DateTime<Utc>,
+}
+
+/// An object's bytes (all of them, or `range`), streamed.
+pub struct GetResult {
+    pub meta: ObjectMeta,
+    /// The bytes the body holds, within `0..meta.size`.
+    pub range: Range<u64>,
+    pub body: ByteStream,
+}
+
+/// One page of a listing, in byte order of path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    pub items: Vec<ObjectMeta>,
+    /// The last path of this page when more may follow: pass it as `after` for the next.
+    pub next: Option<String>,
+}
+
+/// One storage backend.
+pub trait Storage: Send + Sync + 'static {
+    /// The backend's name, for metrics and logs: `local`, `s3` or `memory`.
+    fn backend(&self) -> &'static str;
+
+    /// Stores `body` at `path`, replacing what was there unless `options.if_absent`. The object
+    /// appears whole or not at all: a body stream that fails leaves nothing behind.
+    fn put<'a>(
+        &'a self,
+        path: &'a StoragePath,
+        body: ByteStream,
+        options: PutOptions,
+    ) -> BoxFuture<'a, Result<ObjectMeta, StorageError>>;
+
+    /// Streams the object, or the bytes of `range` (end exclusive; clamped to the object's size,
+    /// refused when it starts at or past the end of a non-empty object).
+    fn get<'a>(
+        &'a self,
+        path: &'a StoragePath,
+        range: Option<Range<u64>>,
+    ) -> BoxFuture<'a, Result<GetResult, StorageError>>;
+
+    fn head<'a>(&'a self, path: &'a StoragePath)
+    -> BoxFuture<'a, Result<ObjectMeta, StorageError>>;
+
+    /// Deletes the object; deleting one that is not there succeeds.
+    fn delete<'a>(&'a self, path: &'a StoragePath) -> BoxFuture<'a, Result<(), StorageError>>;
+
+    /// Up to `limit` objects whose path starts with `prefix` and sorts after `after`.
+    fn list<'a>(
+        &'a self,
+        prefix: &'a StoragePath,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<ListPage, StorageError>>;
+}
+
+/// `range` checked against an object of `size` bytes: the end is clamped to the size; a range
+/// that starts at or past the end (of a non-empty object) or is empty is refused.
+pub fn fit_range(range: Option<Range<u64>>, size: u64) -> Result<Range<u64>, StorageError> {
+    match range {
+        None => Ok(0..size),
+        Some(r) if r.start < r.end && r.start < size => Ok(r.start..r.end.min(size)),
+        Some(_) => Err(StorageError::InvalidRange { size }),
+    }
+}
+
+/// A body for tests and small writes: the given bytes as one chunk.
+pub fn body_from(bytes: impl Into<Bytes>) -> ByteStream {
+    let bytes: Bytes = bytes.into();
+    Box::pin(futures::stream::once(async move { Ok(bytes) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_fit_the_object() {
+        assert_eq!(fit_range(None, 10).unwrap(), 0..10);
+        assert_eq!(fit_range(Some(2..5), 10).unwrap(), 2..5);
+        assert_eq!(fit_range(Some(8..100), 10).unwrap(), 8..10);
+        assert!(fit_range(Some(10..12), 10).is_err());
+        assert!(fit_range(Some(3..3), 10).is_err());
+        assert!(fit_range(Some(0..1), 0).is_err());
+        assert_eq!(fit_range(None, 0).unwrap(), 0..0);
+    }
+}

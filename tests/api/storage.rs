@@ -1,0 +1,298 @@
+//! One behavioural suite for every storage backend, generic over the `Storage` trait, plus what
+//! only the local backend must do (temp files cleaned at start, symbolic links refused).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use cybernetic::domain::object_key::{ObjectKey, StoragePath};
+use cybernetic::domain::tenant::TenantId;
+use cybernetic::storage::local::LocalStorage;
+use cybernetic::storage::memory::MemoryStorage;
+use cybernetic::storage::{ByteStream, PutOptions, Storage, StorageError, body_from};
+
+fn tenant(n: u128) -> TenantId {
+    TenantId::from_uuid(uuid::Uuid::from_u128(n))
+}
+
+fn path(t: TenantId, key: &str) -> StoragePath {
+    ObjectKey::parse(key).expect("valid key").under(t)
+}
+
+/// `total` bytes of a repeating pattern, in chunks of `chunk`.
+fn pattern(total: usize) -> Vec<u8> {
+    (0..total).map(|i| (i % 251) as u8).collect()
+}
+
+fn chunked(bytes: Vec<u8>, chunk: usize) -> ByteStream {
+    let chunks: Vec<Result<Bytes, StorageError>> = bytes
+        .chunks(chunk)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    Box::pin(futures::stream::iter(chunks))
+}
+
+/// A body that yields `good` bytes and then fails, as a client that goes away mid-upload.
+fn cut_off(good: usize) -> ByteStream {
+    let first: Result<Bytes, StorageError> = Ok(Bytes::from(pattern(good)));
+    let then: Result<Bytes, StorageError> =
+        Err(StorageError::Interrupted("the client went away".into()));
+    Box::pin(futures::stream::iter(vec![first, then]))
+}
+
+async fn read_all(
+    storage: &dyn Storage,
+    p: &StoragePath,
+    range: Option<std::ops::Range<u64>>,
+) -> Vec<u8> {
+    let got = storage.get(p, range).await.expect("get");
+    let mut body = got.body;
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        out.extend_from_slice(&chunk.expect("chunk"));
+    }
+    assert_eq!(out.len() as u64, got.range.end - got.range.start);
+    out
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+async fn behaves(storage: Arc<dyn Storage>) {
+    let s = storage.as_ref();
+    let a = tenant(1);
+    let report = path(a, "reports/2026/q3.csv");
+
+    // Streamed put of several chunks, with its metadata.
+    let data = pattern(3 * 1024 * 1024 + 17);
+    let options = PutOptions {
+        content_type: "text/csv".into(),
+        metadata: BTreeMap::from([("owner".into(), "s3".into())]),
+        tags: BTreeMap::from([("kind".into(), "report".into())]),
+        if_absent: false,
+    };
+    let meta = s
+        .put(&report, chunked(data.clone(), 64 * 1024), options)
+        .await
+        .expect("put");
+    assert_eq!(meta.size, data.len() as u64);
+    assert_eq!(meta.sha256, sha256_hex(&data));
+    assert_eq!(meta.path, report.as_str());
+    let head = s.head(&report).await.expect("head");
+    assert_eq!(head, meta);
+    assert_eq!(head.content_type, "text/csv");
+    assert_eq!(head.metadata["owner"], "s3");
+    assert_eq!(head.tags["kind"], "report");
+    assert_eq!(read_all(s, &report, None).await, data);
+
+    // Ranged reads.
+    assert_eq!(read_all(s, &report, Some(10..20)).await, data[10..20]);
+    let len = data.len() as u64;
+    assert_eq!(
+        read_all(s, &report, Some(len - 5..len + 100)).await,
+        data[data.len() - 5..]
+    );
+    assert!(matches!(
+        s.get(&report, Some(len..len + 1)).await.err(),
+        Some(StorageError::InvalidRange { size }) if size == len
+    ));
+
+    // Missing objects; deletes are idempotent.
+    let missing = path(a, "nope");
+    assert!(matches!(
+        s.head(&missing).await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(matches!(
+        s.get(&missing, None).await.err(),
+        Some(StorageError::NotFound)
+    ));
+    s.delete(&missing).await.expect("deleting nothing succeeds");
+
+    // Replacing, and refusing to replace.
+    let small = path(a, "reports/small.txt");
+    s.put(&small, body_from("one"), PutOptions::default())
+        .await
+        .expect("put");
+    s.put(&small, body_from("two"), PutOptions::default())
+        .await
+        .expect("replace");
+    assert_eq!(read_all(s, &small, None).await, b"two");
+    let refused = s
+        .put(
+            &small,
+            body_from("three"),
+            PutOptions {
+                if_absent: true,
+                ..PutOptions::default()
+            },
+        )
+        .await;
+    assert!(matches!(refused, Err(StorageError::AlreadyExists)));
+    assert_eq!(read_all(s, &small, None).await, b"two");
+    let fresh = path(a, "reports/fresh.txt");
+    s.put(
+        &fresh,
+        body_from("new"),
+        PutOptions {
+            if_absent: true,
+            ..PutOptions::default()
+        },
+    )
+    .await
+    .expect("absent: stored");
+
+    // An empty object.
+    let empty = path(a, "empty");
+    let meta = s
+        .put(&empty, body_from(Bytes::new()), PutOptions::default())
+        .await
+        .expect("put");
+    assert_eq!(meta.size, 0);
+    assert_eq!(meta.sha256, sha256_hex(b""));
+    assert_eq!(read_all(s, &empty, None).await, b"");
+
+    // An object and objects under the same name as a prefix live side by side.
+    let dir_like = path(a, "reports");
+    s.put(&dir_like, body_from("x"), PutOptions::default())
+        .await
+        .expect("put");
+    assert_eq!(read_all(s, &dir_like, None).await, b"x");
+
+    // Interrupted uploads leave nothing, and do not disturb what was there.
+    let cut = path(a, "reports/cut.bin");
+    assert!(matches!(
+        s.put(&cut, cut_off(100_000), PutOptions::default()).await,
+        Err(StorageError::Interrupted(_))
+    ));
+    assert!(matches!(s.head(&cut).await, Err(StorageError::NotFound)));
+    assert!(matches!(
+        s.put(&small, cut_off(10), PutOptions::default()).await,
+        Err(StorageError::Interrupted(_))
+    ));
+    assert_eq!(read_all(s, &small, None).await, b"two");
+
+    // Listing: byte order, prefixes, pages.
+    let b = tenant(2);
+    s.put(
+        &path(b, "reports/theirs.txt"),
+        body_from("b"),
+        PutOptions::default(),
+    )
+    .await
+    .expect("put");
+    let all = StoragePath::prefix(a, "").expect("prefix");
+    let listed = s.list(&all, None, 100).await.expect("list");
+    let paths: Vec<&str> = listed.items.iter().map(|m| m.path.as_str()).collect();
+    let mut expected = vec![
+        report.as_str(),
+        small.as_str(),
+        fresh.as_str(),
+        empty.as_str(),
+        dir_like.as_str(),
+    ];
+    expected.sort_unstable();
+    assert_eq!(paths, expected, "only tenant a's objects, in byte order");
+    assert_eq!(listed.next, None);
+    let reports = StoragePath::prefix(a, "reports/").expect("prefix");
+    let page = s.list(&reports, None, 2).await.expect("list");
+    assert_eq!(page.items.len(), 2);
+    let next = page.next.clone().expect("more");
+    let rest = s.list(&reports, Some(&next), 2).await.expect("list");
+    assert_eq!(rest.items.len(), 1);
+    assert_eq!(rest.next, None);
+    let mut seen: Vec<String> = page
+        .items
+        .iter()
+        .chain(&rest.items)
+        .map(|m| m.path.clone())
+        .collect();
+    seen.dedup();
+    assert_eq!(seen.len(), 3, "reports/: three objects, no repeats");
+    let partial = StoragePath::prefix(a, "rep").expect("prefix");
+    assert_eq!(
+        s.list(&partial, None, 100).await.expect("list").items.len(),
+        4
+    );
+
+    // Deleting.
+    s.delete(&small).await.expect("delete");
+    assert!(matches!(s.head(&small).await, Err(StorageError::NotFound)));
+    s.delete(&small).await.expect("again");
+    assert_eq!(
+        s.list(&reports, None, 100).await.expect("list").items.len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn the_memory_backend_behaves() {
+    behaves(Arc::new(MemoryStorage::new())).await;
+}
+
+#[tokio::test]
+async fn the_local_backend_behaves() {
+    let root = tempdir();
+    behaves(Arc::new(LocalStorage::open(&root).await.expect("open"))).await;
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "cybernetic-storage-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+#[tokio::test]
+async fn the_local_backend_cleans_unfinished_uploads_and_never_follows_links() {
+    let root = tempdir();
+    let storage = LocalStorage::open(&root).await.expect("open");
+    let a = tenant(1);
+    let kept = path(a, "kept.txt");
+    storage
+        .put(&kept, body_from("kept"), PutOptions::default())
+        .await
+        .expect("put");
+    // What a crash mid-upload leaves behind.
+    std::fs::write(root.join(".tmp").join("deadbeef.upload"), b"partial").expect("write");
+    let reopened = LocalStorage::open(&root).await.expect("reopen");
+    assert_eq!(
+        std::fs::read_dir(root.join(".tmp")).expect("tmp").count(),
+        0
+    );
+    assert_eq!(read_all(&reopened, &kept, None).await, b"kept");
+
+    // A link planted inside the tree, pointing outside it, is refused, not followed.
+    // The planted file is a well-formed object file: only the refusal to follow links stops it.
+    let outside = tempdir();
+    let kept_file = root.join("objects").join(format!("{}\\", kept.as_str()));
+    std::fs::copy(&kept_file, outside.join("secret\\")).expect("copy");
+    let tenant_dir = kept_file.parent().expect("dir").to_path_buf();
+    std::os::unix::fs::symlink(&outside, tenant_dir.join("escape")).expect("symlink");
+    let through = path(a, "escape/secret");
+    assert!(matches!(
+        reopened.get(&through, None).await.err(),
+        Some(StorageError::Backend(_))
+    ));
+    assert!(reopened.head(&through).await.is_err());
+    assert!(
+        reopened
+            .put(&through, body_from("x"), PutOptions::default())
+            .await
+            .is_err()
+    );
+    assert!(reopened.delete(&through).await.is_err());
+    assert!(
+        outside.join("secret\\").exists(),
+        "nothing outside the root was deleted"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(&outside);
+}
