@@ -5,6 +5,8 @@
 #
 #   TEST_PG_HOST      PostgreSQL host:port for the tests (default 127.0.0.1:5432)
 #   PG_SUPERUSER_URL  superuser URL used to create roles and test databases
+#   TEST_S3_ENDPOINT  the S3-compatible server for the storage tests (default http://127.0.0.1:5000;
+#                     moto_server is installed and started there when nothing answers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +56,32 @@ if ! amqp_up; then
     sleep 0.5
   done
   amqp_up || { echo "RabbitMQ did not start on 127.0.0.1:5672" >&2; exit 1; }
+fi
+
+# --- S3-compatible server (the storage tests): moto, from PyPI, in its own virtualenv -----------
+: "${TEST_S3_ENDPOINT:=http://127.0.0.1:5000}"
+export TEST_S3_ENDPOINT
+s3_port=${TEST_S3_ENDPOINT##*:}
+s3_up() { (exec 3<>"/dev/tcp/127.0.0.1/$s3_port") 2>/dev/null; }
+if ! s3_up; then
+  moto_home=${MOTO_HOME:-/opt/moto}
+  if [ ! -x "$moto_home/bin/moto_server" ]; then
+    log "installing moto (a local S3-compatible server)"
+    if ! python3 -m venv "$moto_home" 2>/dev/null; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq
+      apt-get install -y -qq --no-install-recommends python3-venv python3-pip >/dev/null
+      python3 -m venv "$moto_home"
+    fi
+    "$moto_home/bin/pip" install -q 'moto[server]'
+  fi
+  log "starting moto_server on port $s3_port"
+  nohup "$moto_home/bin/moto_server" -H 127.0.0.1 -p "$s3_port" >"${TMPDIR:-/tmp}/moto_server.log" 2>&1 &
+  for _ in $(seq 1 120); do
+    s3_up && break
+    sleep 0.5
+  done
+  s3_up || { echo "moto_server did not start on port $s3_port" >&2; exit 1; }
 fi
 
 log "database roles"

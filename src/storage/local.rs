@@ -114,6 +114,8 @@ impl LocalStorage {
             .tmp
             .join(format!("{}.upload", uuid::Uuid::new_v4().simple()));
         let file = File::create(&temp).await?;
+        // Removes the temp file if this future is dropped mid-upload (the client went away).
+        let mut guard = RemoveOnDrop(Some(temp.clone()));
         let written = async {
             let mut out = BufWriter::with_capacity(CHUNK, file);
             let mut hash = Sha256::new();
@@ -130,7 +132,7 @@ impl LocalStorage {
                 content_type: options.content_type,
                 metadata: options.metadata,
                 tags: options.tags,
-                sha256: hex::encode(hash.finalize()),
+                sha256: Some(hex::encode(hash.finalize())),
                 modified_at: Utc::now(),
             };
             let json =
@@ -143,6 +145,7 @@ impl LocalStorage {
             Ok::<_, StorageError>(meta)
         }
         .await;
+        guard.0 = None;
         match written {
             Ok(meta) => Ok((temp, meta)),
             Err(e) => {
@@ -229,6 +232,18 @@ impl LocalStorage {
             }
         }
         Ok(())
+    }
+}
+
+/// Removes an upload's temp file when the upload is abandoned half-way.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            // One unlink: cheap enough to do in place.
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -61,7 +61,7 @@ impl Storage for MemoryStorage {
                 content_type: options.content_type,
                 metadata: options.metadata,
                 tags: options.tags,
-                sha256: hex::encode(hash.finalize()),
+                sha256: Some(hex::encode(hash.finalize())),
                 modified_at: Utc::now(),
             };
             let mut objects = self.write();

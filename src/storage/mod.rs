@@ -10,6 +10,7 @@
 
 pub mod local;
 pub mod memory;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -73,8 +74,10 @@ pub struct ObjectMeta {
     pub content_type: String,
     pub metadata: BTreeMap<String, String>,
     pub tags: BTreeMap<String, String>,
-    /// Lowercase hex SHA-256 of the bytes, computed while they were written.
-    pub sha256: String,
+    /// Lowercase hex SHA-256 of the bytes, computed while they were written. Always known to
+    /// `put`; `None` from `head` or `list` on a backend that could not store it with the object
+    /// (an S3 object uploaded in parts: its metadata is fixed before the bytes are seen).
+    pub sha256: Option<String>,
     pub modified_at: DateTime<Utc>,
 }
 

@@ -1,0 +1,570 @@
+//! The S3 backend (aws-sdk-s3): AWS S3 and S3-compatible servers (MinIO and the like).
+//!
+//! A body up to the part size goes up in one `PutObject`, with its SHA-256 in the object's
+//! metadata (`x-amz-meta-cyb-sha256`). A larger one is a multipart upload: parts of `part_size`
+//! bytes, at most `parts_in_flight` of them uploading at once (so memory stays near
+//! `part_size × (parts_in_flight + 1)` whatever the object's size), and the upload is aborted on any
+//! failure, the body's included, so no orphaned parts are left to bill. Downloads stream.
+//!
+//! Against a custom endpoint the client computes request checksums only where the operation
+//! requires them: several S3-compatible servers refuse the newer default checksum headers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream as AwsBody;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use sha2::{Digest, Sha256};
+
+use super::{
+    ByteStream, GetResult, ListPage, ObjectMeta, PutOptions, Storage, StorageError, StoragePath,
+    fit_range,
+};
+use crate::config::Secret;
+
+/// The user-metadata key the object's SHA-256 is kept under.
+const SHA256_KEY: &str = "cyb-sha256";
+/// S3's smallest part (all but the last).
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    /// A custom endpoint (MinIO, a local S3 server); `None` for AWS itself.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub force_path_style: bool,
+    /// Static credentials; without them the AWS default chain (environment, profile, instance
+    /// role) is used.
+    pub access_key_id: Option<Secret>,
+    pub secret_access_key: Option<Secret>,
+    pub part_size: usize,
+    pub parts_in_flight: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    client: Client,
+    bucket: String,
+    part_size: usize,
+    parts_in_flight: usize,
+}
+
+impl S3Storage {
+    pub async fn new(config: &S3Config) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()));
+        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+            loader = loader.credentials_provider(Credentials::new(
+                id.expose(),
+                secret.expose(),
+                None,
+                None,
+                "cybernetic-config",
+            ));
+        }
+        let shared = loader.load().await;
+        let mut builder =
+            aws_sdk_s3::config::Builder::from(&shared).force_path_style(config.force_path_style);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder
+                .endpoint_url(endpoint)
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        }
+        Self {
+            client: Client::from_conf(builder.build()),
+            bucket: config.bucket.clone(),
+            part_size: config.part_size.max(MIN_PART_SIZE),
+            parts_in_flight: config.parts_in_flight.max(1),
+        }
+    }
+
+    /// The client, for set-up work such as creating the bucket in tests.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        mut buffer: BytesMut,
+        mut body: ByteStream,
+        options: &PutOptions,
+        hash: &mut Sha256,
+    ) -> Result<u64, StorageError> {
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(&options.content_type)
+            .set_metadata(Some(user_metadata(options, None)))
+            .set_tagging(tagging(&options.tags))
+            .send()
+            .await
+            .map_err(backend)?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| StorageError::Backend("S3 returned no upload id".into()))?
+            .to_owned();
+        // Aborts the upload if this future is dropped before it ends (the client went away and
+        // the request was cancelled), as it is below when the upload fails.
+        let mut guard = AbortOnDrop {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+            upload_id: Some(upload_id.clone()),
+        };
+        let uploaded = async {
+            let mut parts = Vec::new();
+            let mut in_flight = FuturesUnordered::new();
+            let mut size = buffer.len() as u64;
+            let mut number = 0;
+            let mut ended = false;
+            loop {
+                // Fill the next part (the caller has read, and hashed, the start of the body).
+                let mut next = None;
+                if !ended {
+                    while buffer.len() < self.part_size {
+                        match body.next().await {
+                            Some(chunk) => {
+                                let chunk = chunk?;
+                                hash.update(&chunk);
+                                size += chunk.len() as u64;
+                                buffer.extend_from_slice(&chunk);
+                            }
+                            None => {
+                                ended = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                if !buffer.is_empty() {
+                    let take = buffer.len().min(self.part_size);
+                    next = Some(buffer.split_to(take).freeze());
+                }
+                let Some(part) = next else {
+                    break;
+                };
+                number += 1;
+                in_flight.push(self.upload_part(key, &upload_id, number, part));
+                if in_flight.len() >= self.parts_in_flight
+                    && let Some(done) = in_flight.next().await
+                {
+                    parts.push(done?);
+                }
+            }
+            while let Some(done) = in_flight.next().await {
+                parts.push(done?);
+            }
+            parts.sort_by_key(|p: &CompletedPart| p.part_number());
+            let mut complete = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                );
+            if options.if_absent {
+                complete = complete.if_none_match("*");
+            }
+            complete.send().await.map_err(put_error)?;
+            Ok::<u64, StorageError>(size)
+        }
+        .await;
+        guard.upload_id = None;
+        if uploaded.is_err() {
+            // No part is left behind to be stored (and billed) for nothing.
+            if let Err(e) = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await
+            {
+                tracing::warn!(key, error = %e, "could not abort a failed multipart upload");
+            }
+        }
+        uploaded
+    }
+
+    fn upload_part<'a>(
+        &'a self,
+        key: &'a str,
+        upload_id: &'a str,
+        number: i32,
+        part: Bytes,
+    ) -> BoxFuture<'a, Result<CompletedPart, StorageError>> {
+        Box::pin(async move {
+            let uploaded = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .body(AwsBody::from(part))
+                .send()
+                .await
+                .map_err(backend)?;
+            Ok(CompletedPart::builder()
+                .set_e_tag(uploaded.e_tag().map(str::to_owned))
+                .part_number(number)
+                .build())
+        })
+    }
+
+    async fn tags(&self, key: &str) -> Result<BTreeMap<String, String>, StorageError> {
+        let tagging = self
+            .client
+            .get_object_tagging()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(read_error)?;
+        Ok(tagging
+            .tag_set()
+            .iter()
+            .map(|t| (t.key().to_owned(), t.value().to_owned()))
+            .collect())
+    }
+}
+
+/// Aborts a multipart upload whose future was dropped mid-way.
+struct AbortOnDrop {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: Option<String>,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some(upload_id) = self.upload_id.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(key = %self.key, "multipart upload dropped outside a runtime; not aborted");
+            return;
+        };
+        let abort = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(upload_id);
+        let key = self.key.clone();
+        runtime.spawn(async move {
+            if let Err(e) = abort.send().await {
+                tracing::warn!(%key, error = %e, "could not abort a cancelled multipart upload");
+            }
+        });
+    }
+}
+
+fn user_metadata(options: &PutOptions, sha256: Option<&str>) -> HashMap<String, String> {
+    let mut metadata: HashMap<String, String> = options
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(sha) = sha256 {
+        metadata.insert(SHA256_KEY.to_owned(), sha.to_owned());
+    }
+    metadata
+}
+
+/// Tags as S3's `x-amz-tagging` header wants them: a URL-encoded query string.
+fn tagging(tags: &BTreeMap<String, String>) -> Option<String> {
+    if tags.is_empty() {
+        return None;
+    }
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in tags {
+        query.append_pair(k, v);
+    }
+    Some(query.finish())
+}
+
+fn status<E, R: HttpStatus>(e: &SdkError<E, R>) -> Option<u16> {
+    e.raw_response().map(HttpStatus::status_code)
+}
+
+/// The raw response's status, whatever the SDK's response type.
+trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+fn backend<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    e: SdkError<E, R>,
+) -> StorageError {
+    let detail = match e.as_service_error() {
+        Some(service) => format!(
+            "{}: {}",
+            service.code().unwrap_or("error"),
+            service.message().unwrap_or_default()
+        ),
+        None => aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+    };
+    StorageError::Backend(format!("S3: {detail}"))
+}
+
+fn read_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> StorageError {
+    if status(&e) == Some(404) {
+        StorageError::NotFound
+    } else {
+        backend(e)
+    }
+}
+
+fn put_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> StorageError {
+    if status(&e) == Some(412) {
+        StorageError::AlreadyExists
+    } else {
+        backend(e)
+    }
+}
+
+fn time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> DateTime<Utc> {
+    t.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
+        .unwrap_or_else(Utc::now)
+}
+
+impl Storage for S3Storage {
+    fn backend(&self) -> &'static str {
+        "s3"
+    }
+
+    fn put<'a>(
+        &'a self,
+        path: &'a StoragePath,
+        mut body: ByteStream,
+        options: PutOptions,
+    ) -> BoxFuture<'a, Result<ObjectMeta, StorageError>> {
+        Box::pin(async move {
+            let key = path.as_str();
+            let mut hash = Sha256::new();
+            // Read up to one part: a body that ends within it goes up in one request.
+            let mut first = BytesMut::new();
+            let mut ended = false;
+            while first.len() < self.part_size {
+                match body.next().await {
+                    Some(chunk) => {
+                        let chunk = chunk?;
+                        hash.update(&chunk);
+                        first.extend_from_slice(&chunk);
+                    }
+                    None => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            let size = if ended {
+                let size = first.len() as u64;
+                let sha = hex::encode(hash.clone().finalize());
+                let mut put = self
+                    .client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .content_type(&options.content_type)
+                    .set_metadata(Some(user_metadata(&options, Some(&sha))))
+                    .set_tagging(tagging(&options.tags))
+                    .body(AwsBody::from(first.freeze()));
+                if options.if_absent {
+                    put = put.if_none_match("*");
+                }
+                put.send().await.map_err(put_error)?;
+                size
+            } else {
+                self.put_multipart(key, first, body, &options, &mut hash)
+                    .await?
+            };
+            Ok(ObjectMeta {
+                path: key.to_owned(),
+                size,
+                content_type: options.content_type,
+                metadata: options.metadata,
+                tags: options.tags,
+                sha256: Some(hex::encode(hash.finalize())),
+                modified_at: Utc::now(),
+            })
+        })
+    }
+
+    fn get<'a>(
+        &'a self,
+        path: &'a StoragePath,
+        range: Option<Range<u64>>,
+    ) -> BoxFuture<'a, Result<GetResult, StorageError>> {
+        Box::pin(async move {
+            let head = self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(path.as_str())
+                .send()
+                .await
+                .map_err(read_error)?;
+            let size = u64::try_from(head.content_length().unwrap_or(0)).unwrap_or(0);
+            let range = fit_range(range, size)?;
+            let mut get = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(path.as_str())
+                // The object read is the one just described, not one replaced meanwhile.
+                .set_if_match(head.e_tag().map(str::to_owned));
+            if range.end > range.start {
+                get = get.range(format!("bytes={}-{}", range.start, range.end - 1));
+            }
+            let object = get.send().await.map_err(read_error)?;
+            let meta = ObjectMeta {
+                path: path.as_str().to_owned(),
+                size,
+                content_type: head.content_type().unwrap_or_default().to_owned(),
+                metadata: split_metadata(head.metadata()).0,
+                tags: self.tags(path.as_str()).await?,
+                sha256: split_metadata(head.metadata()).1,
+                modified_at: time(head.last_modified()),
+            };
+            let body = futures::stream::unfold(object.body, |mut body| async move {
+                body.next().await.map(|chunk| {
+                    (
+                        chunk.map_err(|e| StorageError::Backend(format!("S3 read: {e}"))),
+                        body,
+                    )
+                })
+            });
+            Ok(GetResult {
+                meta,
+                range,
+                body: Box::pin(body),
+            })
+        })
+    }
+
+    fn head<'a>(
+        &'a self,
+        path: &'a StoragePath,
+    ) -> BoxFuture<'a, Result<ObjectMeta, StorageError>> {
+        Box::pin(async move {
+            let head = self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(path.as_str())
+                .send()
+                .await
+                .map_err(read_error)?;
+            let (metadata, sha256) = split_metadata(head.metadata());
+            Ok(ObjectMeta {
+                path: path.as_str().to_owned(),
+                size: u64::try_from(head.content_length().unwrap_or(0)).unwrap_or(0),
+                content_type: head.content_type().unwrap_or_default().to_owned(),
+                metadata,
+                tags: self.tags(path.as_str()).await?,
+                sha256,
+                modified_at: time(head.last_modified()),
+            })
+        })
+    }
+
+    fn delete<'a>(&'a self, path: &'a StoragePath) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(path.as_str())
+                .send()
+                .await
+                .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn list<'a>(
+        &'a self,
+        prefix: &'a StoragePath,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<ListPage, StorageError>> {
+        Box::pin(async move {
+            let listed = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix.as_str())
+                .set_start_after(after.map(str::to_owned))
+                .max_keys(i32::try_from(limit.saturating_add(1)).unwrap_or(i32::MAX))
+                .send()
+                .await
+                .map_err(backend)?;
+            let mut keys: Vec<String> = listed
+                .contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned))
+                .collect();
+            let more = keys.len() > limit;
+            keys.truncate(limit);
+            let mut items = Vec::with_capacity(keys.len());
+            for key in &keys {
+                match self.head(&StoragePath::raw(key)).await {
+                    Ok(meta) => items.push(meta),
+                    Err(StorageError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(ListPage {
+                next: more.then(|| keys.last().cloned()).flatten(),
+                items,
+            })
+        })
+    }
+}
+
+/// User metadata without our own key, and the SHA-256 kept under it.
+fn split_metadata(
+    metadata: Option<&HashMap<String, String>>,
+) -> (BTreeMap<String, String>, Option<String>) {
+    let mut user = BTreeMap::new();
+    let mut sha = None;
+    for (k, v) in metadata.into_iter().flatten() {
+        if k == SHA256_KEY {
+            sha = Some(v.clone());
+        } else {
+            user.insert(k.clone(), v.clone());
+        }
+    }
+    (user, sha)
+}
