@@ -8,6 +8,7 @@ use std::time::Duration;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::domain::schedule::Expr;
+use crate::storage::s3::S3Config;
 
 /// A value that must never reach a log line or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
@@ -125,6 +126,25 @@ pub struct CronConfig {
     pub weekly_review: Option<Expr>,
 }
 
+/// Where artifacts' bytes are kept.
+#[derive(Debug, Clone)]
+pub enum StorageBackend {
+    /// A directory on this machine (`STORAGE_LOCAL_ROOT`).
+    Local {
+        root: std::path::PathBuf,
+    },
+    S3(S3Config),
+    /// In this process only: for tests and throwaway runs.
+    Memory,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// Largest artifact accepted; a bigger upload is refused with 413 while it streams.
+    pub max_bytes: u64,
+}
+
 /// Outbound notifications (webhook deliveries).
 #[derive(Debug, Clone)]
 pub struct NotificationsConfig {
@@ -154,6 +174,7 @@ pub struct Config {
     pub events: EventsConfig,
     pub jobs: JobsConfig,
     pub notifications: NotificationsConfig,
+    pub storage: StorageConfig,
     pub log_format: LogFormat,
 }
 
@@ -273,6 +294,50 @@ impl Config {
                 "must be at least 100ms",
             ));
         }
+        let storage = StorageConfig {
+            backend: match src.plain("STORAGE_BACKEND").as_deref() {
+                None | Some("local") => StorageBackend::Local {
+                    root: src
+                        .plain("STORAGE_LOCAL_ROOT")
+                        .unwrap_or_else(|| "data".to_owned())
+                        .into(),
+                },
+                Some("memory") => StorageBackend::Memory,
+                Some("s3") => StorageBackend::S3(S3Config {
+                    bucket: src.plain("S3_BUCKET").ok_or_else(|| {
+                        ConfigError::new("S3_BUCKET", "is required with STORAGE_BACKEND=s3")
+                    })?,
+                    endpoint: src.plain("S3_ENDPOINT"),
+                    region: src
+                        .plain("S3_REGION")
+                        .unwrap_or_else(|| "us-east-1".to_owned()),
+                    force_path_style: src.flag("S3_FORCE_PATH_STYLE", false)?,
+                    access_key_id: src.secret("S3_ACCESS_KEY_ID")?,
+                    secret_access_key: src.secret("S3_SECRET_ACCESS_KEY")?,
+                    part_size: src.number(
+                        "S3_PART_SIZE",
+                        8 << 20,
+                        crate::storage::s3::MIN_PART_SIZE..=(512 << 20),
+                    )?,
+                    parts_in_flight: src.number("S3_PARTS_IN_FLIGHT", 4, 1..=64)?,
+                }),
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "STORAGE_BACKEND",
+                        format!("'{other}' is not one of local, s3, memory"),
+                    ));
+                }
+            },
+            max_bytes: src.number("STORAGE_MAX_BYTES", 5 << 30, 1..=(1 << 40))?,
+        };
+        if let StorageBackend::S3(s3) = &storage.backend
+            && s3.access_key_id.is_some() != s3.secret_access_key.is_some()
+        {
+            return Err(ConfigError::new(
+                "S3_ACCESS_KEY_ID",
+                "set both S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY, or neither",
+            ));
+        }
         let log_format = match src.plain("LOG_FORMAT").as_deref() {
             None | Some("json") => LogFormat::Json,
             Some("pretty") => LogFormat::Pretty,
@@ -292,6 +357,7 @@ impl Config {
             events,
             jobs,
             notifications,
+            storage,
             log_format,
         })
     }

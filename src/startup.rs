@@ -36,6 +36,8 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot open the artifact storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 /// What a process runs.
@@ -91,7 +93,9 @@ impl App {
         let addr = config.http.listen_addr;
         let listener =
             server::listen(addr).map_err(|source| StartupError::Bind { addr, source })?;
+        let storage = crate::storage::open(&config.storage.backend).await?;
         let state = AppState {
+            storage,
             keys: KeyCache::default(),
             events: EventBus::new(hub, broker),
             metrics: Arc::new(MetricsEndpoint::new(

@@ -17,6 +17,8 @@ pub struct AppState {
     pub events: EventBus,
     pub config: Arc<Config>,
     pub metrics: Arc<MetricsEndpoint>,
+    /// Where artifacts' bytes are kept.
+    pub storage: Arc<dyn crate::storage::Storage>,
     /// Cancelled when shutdown begins: readiness fails from that moment.
     pub shutdown: CancellationToken,
 }

@@ -2,6 +2,7 @@
 //! repository module per table group. Tenant data is reached only through [`tenant::begin`].
 
 pub mod api_keys;
+pub mod artifacts;
 pub mod channels;
 pub mod episodes;
 pub mod events;

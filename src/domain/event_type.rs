@@ -29,6 +29,8 @@ impl EventType {
     pub const CHANNEL_CREATED: &'static str = "notification_channel.created";
     pub const CHANNEL_UPDATED: &'static str = "notification_channel.updated";
     pub const CHANNEL_DELETED: &'static str = "notification_channel.deleted";
+    pub const ARTIFACT_STORED: &'static str = "artifact.stored";
+    pub const ARTIFACT_DELETED: &'static str = "artifact.deleted";
 
     /// Every type the platform itself appends (metrics label these by name).
     pub const PLATFORM: &'static [&'static str] = &[
@@ -50,6 +52,8 @@ impl EventType {
         Self::CHANNEL_CREATED,
         Self::CHANNEL_UPDATED,
         Self::CHANNEL_DELETED,
+        Self::ARTIFACT_STORED,
+        Self::ARTIFACT_DELETED,
     ];
 
     /// Accepts `[a-z0-9_]+(\.[a-z0-9_]+)*`, at most 100 characters.

@@ -89,7 +89,17 @@ impl StoragePath {
         Ok(Self(format!("{}/{prefix}", tenant_prefix(tenant))))
     }
 
-    /// For backends' own tests and tools: a path taken as is.
+    /// A fresh path for one upload of `tenant`'s: every upload is written to its own path, never
+    /// over another object, and the artifact's row is pointed at it once it is complete.
+    pub fn upload(tenant: TenantId) -> Self {
+        Self(format!(
+            "{}/{}",
+            tenant_prefix(tenant),
+            uuid::Uuid::now_v7().simple()
+        ))
+    }
+
+    /// A path as stored (an artifact row's `storage_path`), or for backends' tests and tools.
     #[doc(hidden)]
     pub fn raw(path: &str) -> Self {
         Self(path.to_owned())

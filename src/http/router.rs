@@ -11,7 +11,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 
 use crate::routes::{
-    api_keys, episodes, events, health, jobs, metrics, notification_channels, policies,
+    api_keys, artifacts, episodes, events, health, jobs, metrics, notification_channels, policies,
     reflections, systems, tenants,
 };
 use crate::state::AppState;
@@ -46,6 +46,7 @@ pub fn build(state: AppState) -> Router {
                 .put(policies::replace)
                 .delete(policies::delete),
         )
+        .route("/v1/artifacts", get(artifacts::list))
         .route("/v1/violations", get(reflections::violations))
         .route("/v1/reflections", get(reflections::list))
         .route("/v1/reflections/{id}", get(reflections::get))
@@ -73,7 +74,24 @@ pub fn build(state: AppState) -> Router {
         ))),
     );
 
-    with_middleware(Router::new().merge(api).merge(streams).merge(ops()), state)
+    // Uploads and downloads take as long as their size needs: no handler timeout, and the body
+    // limit is the artifact's own (STORAGE_MAX_BYTES, checked while streaming).
+    let files = Router::new().route(
+        "/v1/artifacts/{*key}",
+        put(artifacts::put)
+            .get(artifacts::get)
+            .head(artifacts::head)
+            .delete(artifacts::delete),
+    );
+
+    with_middleware(
+        Router::new()
+            .merge(api)
+            .merge(streams)
+            .merge(files)
+            .merge(ops()),
+        state,
+    )
 }
 
 /// What `cybernetic worker` serves: health and metrics only.

@@ -1,6 +1,7 @@
 //! HTTP handlers, one file per resource.
 
 pub mod api_keys;
+pub mod artifacts;
 pub mod episodes;
 pub mod events;
 pub mod health;

@@ -134,6 +134,21 @@ pub trait Storage: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<ListPage, StorageError>>;
 }
 
+/// The backend the configuration names. A local root is created when missing, and what uploads
+/// cut off by a crash left in it is removed.
+pub async fn open(
+    backend: &crate::config::StorageBackend,
+) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
+    use crate::config::StorageBackend;
+    Ok(match backend {
+        StorageBackend::Local { root } => {
+            std::sync::Arc::new(local::LocalStorage::open(root).await?)
+        }
+        StorageBackend::S3(config) => std::sync::Arc::new(s3::S3Storage::new(config).await),
+        StorageBackend::Memory => std::sync::Arc::new(memory::MemoryStorage::new()),
+    })
+}
+
 /// `range` checked against an object of `size` bytes: the end is clamped to the size; a range
 /// that starts at or past the end (of a non-empty object) or is empty is refused.
 pub fn fit_range(range: Option<Range<u64>>, size: u64) -> Result<Range<u64>, StorageError> {

@@ -179,6 +179,7 @@ impl TestApp {
             ("LISTEN_ADDR".into(), "127.0.0.1:0".into()),
             ("DATABASE_MAX_CONNECTIONS".into(), "8".into()),
             ("METRICS_RATE_LIMIT".into(), "1000".into()),
+            ("STORAGE_BACKEND".into(), "memory".into()),
         ]);
         env.extend(options.env);
         let config = Config::from_source(&|k| env.get(k).cloned()).expect("test config");

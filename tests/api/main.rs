@@ -1,6 +1,7 @@
 //! The integration tests: the real server on port 0, real PostgreSQL as the app role, a fresh
 //! database per test.
 
+mod artifacts;
 mod auth;
 mod cli;
 mod events;

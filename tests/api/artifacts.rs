@@ -1,0 +1,517 @@
+//! The artifact API over HTTP: streamed uploads and downloads with metadata, tags, ranges and
+//! conditional requests, listing, roles, tenant isolation, refused keys, the size limit, and
+//! uploads cut off by the client on the local and S3 backends.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{Options, TestApp, eventually, expect_json, expect_problem};
+
+fn pattern(total: usize) -> Vec<u8> {
+    (0..total).map(|i| (i % 251) as u8).collect()
+}
+
+async fn put(app: &TestApp, token: &str, key: &str, body: Vec<u8>) -> reqwest::Response {
+    app.client
+        .put(app.url(&format!("/v1/artifacts/{key}")))
+        .bearer_auth(token)
+        .body(body)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// Sends `head` and then `body` on a raw connection and reads the status line (or nothing, when
+/// `hang_up` closes the connection after the body instead).
+async fn raw(app: &TestApp, head: &str, body: &[u8], hang_up: bool) -> Option<u16> {
+    let mut conn = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    conn.write_all(head.as_bytes()).await.expect("write head");
+    conn.write_all(body).await.expect("write body");
+    if hang_up {
+        drop(conn);
+        return None;
+    }
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+        .await
+        .expect("an answer within 10s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer[..n]);
+    text.split_whitespace().nth(1).and_then(|s| s.parse().ok())
+}
+
+#[tokio::test]
+async fn artifacts_stream_in_and_out_with_metadata_ranges_and_conditions() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("files").await;
+    let data = pattern(300_000);
+    let res = app
+        .client
+        .put(app.url("/v1/artifacts/reports/2026/q3.csv"))
+        .bearer_auth(&t.operator)
+        .header("content-type", "text/csv")
+        .header("x-artifact-meta-owner", "S3 team")
+        .header("x-artifact-tags", "kind=report&quarter=q3")
+        .body(data.clone())
+        .send()
+        .await
+        .expect("put");
+    let stored = expect_json(res, StatusCode::CREATED).await;
+    assert_eq!(stored["key"], "reports/2026/q3.csv");
+    assert_eq!(stored["size"], 300_000);
+    assert_eq!(stored["content_type"], "text/csv");
+    assert_eq!(stored["metadata"]["owner"], "S3 team");
+    assert_eq!(stored["tags"]["quarter"], "q3");
+    let sha = stored["sha256"].as_str().expect("sha").to_owned();
+    use sha2::Digest;
+    assert_eq!(sha, hex::encode(sha2::Sha256::digest(&data)));
+    assert!(stored.get("storage_path").is_none(), "{stored}");
+
+    let got = app
+        .get("/v1/artifacts/reports/2026/q3.csv", &t.viewer)
+        .await;
+    assert_eq!(got.status(), StatusCode::OK);
+    let h = got.headers().clone();
+    assert_eq!(h["content-type"], "text/csv");
+    assert_eq!(h["content-length"], "300000");
+    assert_eq!(h["etag"].to_str().unwrap(), format!("\"{sha}\""));
+    assert_eq!(h["accept-ranges"], "bytes");
+    assert_eq!(h["x-artifact-meta-owner"], "S3 team");
+    assert_eq!(h["x-artifact-tags"], "kind=report&quarter=q3");
+    assert_eq!(got.bytes().await.expect("body").as_ref(), &data[..]);
+
+    let head = app
+        .send(
+            Method::HEAD,
+            "/v1/artifacts/reports/2026/q3.csv",
+            Some(&t.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.headers()["content-length"], "300000");
+
+    // Conditional and ranged reads.
+    let cached = app
+        .client
+        .get(app.url("/v1/artifacts/reports/2026/q3.csv"))
+        .bearer_auth(&t.viewer)
+        .header("if-none-match", format!("\"{sha}\""))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
+    let ranged = |range: &'static str| {
+        app.client
+            .get(app.url("/v1/artifacts/reports/2026/q3.csv"))
+            .bearer_auth(&t.viewer)
+            .header("range", range)
+            .send()
+    };
+    let part = ranged("bytes=100-199").await.expect("get");
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.headers()["content-range"], "bytes 100-199/300000");
+    assert_eq!(part.bytes().await.expect("body").as_ref(), &data[100..200]);
+    let tail = ranged("bytes=-10").await.expect("get");
+    assert_eq!(tail.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(tail.bytes().await.expect("body").as_ref(), &data[299_990..]);
+    let beyond = ranged("bytes=300000-").await.expect("get");
+    assert_eq!(beyond.headers()["content-range"], "bytes */300000");
+    expect_problem(
+        beyond,
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "range_not_satisfiable",
+    )
+    .await;
+
+    // Replacing, and refusing to replace.
+    let replaced = expect_json(
+        put(&app, &t.operator, "reports/2026/q3.csv", b"v2".to_vec()).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(replaced["size"], 2);
+    assert_eq!(replaced["content_type"], "application/octet-stream");
+    let refused = app
+        .client
+        .put(app.url("/v1/artifacts/reports/2026/q3.csv"))
+        .bearer_auth(&t.operator)
+        .header("if-none-match", "*")
+        .body("v3")
+        .send()
+        .await
+        .expect("put");
+    expect_problem(
+        refused,
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+    )
+    .await;
+    let now = app
+        .get("/v1/artifacts/reports/2026/q3.csv", &t.viewer)
+        .await;
+    assert_eq!(now.bytes().await.expect("body").as_ref(), b"v2");
+
+    // Listing by prefix, in pages.
+    for key in ["reports/2026/q4.csv", "reports/2025/q1.csv", "notes/a.txt"] {
+        expect_json(
+            put(&app, &t.operator, key, b"x".to_vec()).await,
+            StatusCode::CREATED,
+        )
+        .await;
+    }
+    let page = expect_json(
+        app.get("/v1/artifacts?prefix=reports/&limit=2", &t.viewer)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let keys: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["key"].as_str())
+        .collect();
+    assert_eq!(keys, ["reports/2025/q1.csv", "reports/2026/q3.csv"]);
+    let cursor = page["next_cursor"].as_str().expect("more");
+    let rest = expect_json(
+        app.get(
+            &format!("/v1/artifacts?prefix=reports/&limit=2&cursor={cursor}"),
+            &t.viewer,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(rest["items"][0]["key"], "reports/2026/q4.csv");
+    assert_eq!(rest["next_cursor"], Value::Null);
+
+    // Deleting.
+    let gone = app
+        .delete("/v1/artifacts/reports/2026/q3.csv", &t.operator)
+        .await;
+    assert_eq!(gone.status(), StatusCode::NO_CONTENT);
+    expect_problem(
+        app.get("/v1/artifacts/reports/2026/q3.csv", &t.viewer)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    expect_problem(
+        app.delete("/v1/artifacts/reports/2026/q3.csv", &t.operator)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+
+    let events = expect_json(
+        app.get("/v1/events/history?topics=artifact.*&limit=100", &t.viewer)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let types: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "artifact.stored",
+            "artifact.stored",
+            "artifact.stored",
+            "artifact.stored",
+            "artifact.stored",
+            "artifact.deleted"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn artifacts_are_the_tenants_own() {
+    let app = TestApp::spawn().await;
+    let a = app.tenant("owner").await;
+    let b = app.tenant("other").await;
+    expect_json(
+        put(&app, &a.operator, "secret.txt", b"a's".to_vec()).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    expect_problem(
+        put(&app, &a.viewer, "secret.txt", b"no".to_vec()).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    for method in [Method::GET, Method::DELETE] {
+        let res = app
+            .send(method, "/v1/artifacts/secret.txt", Some(&b.admin), None)
+            .await;
+        expect_problem(res, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    let head = app
+        .send(
+            Method::HEAD,
+            "/v1/artifacts/secret.txt",
+            Some(&b.admin),
+            None,
+        )
+        .await;
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+    let listed = expect_json(app.get("/v1/artifacts", &b.viewer).await, StatusCode::OK).await;
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(0));
+    // B's upload under the same key is B's own artifact; A's is untouched.
+    expect_json(
+        put(&app, &b.operator, "secret.txt", b"b's".to_vec()).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let mine = app.get("/v1/artifacts/secret.txt", &a.viewer).await;
+    assert_eq!(mine.bytes().await.expect("body").as_ref(), b"a's");
+}
+
+#[tokio::test]
+async fn traversal_and_malformed_keys_are_refused() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("keys").await;
+    let long = "k".repeat(1025);
+    let cases = [
+        "/v1/artifacts/a/../b",
+        "/v1/artifacts/a/./b",
+        "/v1/artifacts/..",
+        "/v1/artifacts/%2e%2e/x",
+        "/v1/artifacts/%2E%2E%2Fx",
+        "/v1/artifacts/a%2f..%2fb",
+        "/v1/artifacts/%252e%252e/x",
+        "/v1/artifacts//etc/passwd",
+        "/v1/artifacts/a//b",
+        "/v1/artifacts/trailing/",
+        "/v1/artifacts/back%5Cslash",
+        "/v1/artifacts/nul%00byte",
+        "/v1/artifacts/line%0Abreak",
+        &format!("/v1/artifacts/{long}"),
+    ];
+    for path in cases {
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+            t.operator
+        );
+        assert_eq!(raw(&app, &head, b"no", false).await, Some(400), "{path}");
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            t.viewer
+        );
+        assert_eq!(raw(&app, &head, b"", false).await, Some(400), "{path}");
+    }
+    let listed = expect_json(app.get("/v1/artifacts", &t.viewer).await, StatusCode::OK).await;
+    assert_eq!(listed["items"], serde_json::json!([]));
+    expect_problem(
+        app.get("/v1/artifacts?prefix=../", &t.viewer).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    )
+    .await;
+    for (name, value) in [
+        ("x-artifact-meta-Bad_Name", "v"),
+        ("x-artifact-tags", "=novalue"),
+        ("if-none-match", "\"abc\""),
+        ("content-type", "nonsense"),
+    ] {
+        let res = app
+            .client
+            .put(app.url("/v1/artifacts/ok.txt"))
+            .bearer_auth(&t.operator)
+            .header(name, value)
+            .body("x")
+            .send()
+            .await
+            .expect("put");
+        expect_problem(res, StatusCode::BAD_REQUEST, "invalid_header").await;
+    }
+}
+
+#[tokio::test]
+async fn uploads_over_the_limit_are_refused_while_streaming() {
+    let app = TestApp::spawn_with(Options::default().env("STORAGE_MAX_BYTES", "1000")).await;
+    let t = app.tenant("limits").await;
+    expect_problem(
+        put(&app, &t.operator, "big.bin", pattern(2000)).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    )
+    .await;
+    // No length announced: the limit is found while the body streams.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(pattern(500))).collect();
+    let res = app
+        .client
+        .put(app.url("/v1/artifacts/streamed.bin"))
+        .bearer_auth(&t.operator)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .expect("put");
+    expect_problem(res, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    let listed = expect_json(app.get("/v1/artifacts", &t.viewer).await, StatusCode::OK).await;
+    assert_eq!(listed["items"], serde_json::json!([]));
+    expect_json(
+        put(&app, &t.operator, "fits.bin", pattern(1000)).await,
+        StatusCode::CREATED,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_upload_the_client_abandons_leaves_nothing_on_the_local_backend() {
+    let root =
+        std::env::temp_dir().join(format!("cyb-artifacts-{}", uuid::Uuid::new_v4().simple()));
+    let app = TestApp::spawn_with(
+        Options::default()
+            .env("STORAGE_BACKEND", "local")
+            .env("STORAGE_LOCAL_ROOT", root.to_str().expect("utf-8 path")),
+    )
+    .await;
+    let t = app.tenant("abandon").await;
+    let head = format!(
+        "PUT /v1/artifacts/half.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 1000000\r\n\r\n",
+        t.operator
+    );
+    raw(&app, &head, &pattern(300_000), true).await;
+    eventually(
+        Duration::from_secs(10),
+        "the abandoned upload cleaned up",
+        || async {
+            std::fs::read_dir(root.join(".tmp"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+                == 0
+        },
+    )
+    .await;
+    expect_problem(
+        app.get("/v1/artifacts/half.bin", &t.viewer).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    let files = walk(&root.join("objects"));
+    assert!(files.is_empty(), "no object stored: {files:?}");
+    // A complete upload then lands as one file.
+    expect_json(
+        put(&app, &t.operator, "whole.bin", pattern(10)).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(walk(&root.join("objects")).len(), 1);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_upload_the_client_abandons_leaves_no_parts_on_s3() {
+    let endpoint =
+        std::env::var("TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".to_owned());
+    let bucket = format!("cyb-http-{}", uuid::Uuid::new_v4().simple());
+    let app = TestApp::spawn_with(
+        Options::default()
+            .env("STORAGE_BACKEND", "s3")
+            .env("S3_BUCKET", &bucket)
+            .env("S3_ENDPOINT", &endpoint)
+            .env("S3_FORCE_PATH_STYLE", "true")
+            .env("S3_ACCESS_KEY_ID", "test")
+            .env("S3_SECRET_ACCESS_KEY", "test")
+            .env("S3_PART_SIZE", "5242880"),
+    )
+    .await;
+    let admin = cybernetic::storage::s3::S3Storage::new(&cybernetic::storage::s3::S3Config {
+        bucket: bucket.clone(),
+        endpoint: Some(endpoint),
+        region: "us-east-1".into(),
+        force_path_style: true,
+        access_key_id: Some(cybernetic::config::Secret::new("test")),
+        secret_access_key: Some(cybernetic::config::Secret::new("test")),
+        part_size: 5 << 20,
+        parts_in_flight: 1,
+    })
+    .await;
+    admin
+        .client()
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("bucket");
+    let uploads = || async {
+        admin
+            .client()
+            .list_multipart_uploads()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("uploads")
+            .uploads()
+            .len()
+    };
+    let t = app.tenant("abandon-s3").await;
+    // Big enough for a multipart upload, then the client goes away with most of it unsent.
+    let head = format!(
+        "PUT /v1/artifacts/half.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 20000000\r\n\r\n",
+        t.operator
+    );
+    let mut conn = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    conn.write_all(head.as_bytes()).await.expect("head");
+    conn.write_all(&pattern(6 << 20)).await.expect("body");
+    eventually(
+        Duration::from_secs(20),
+        "a multipart upload under way",
+        || async { uploads().await == 1 },
+    )
+    .await;
+    drop(conn);
+    eventually(
+        Duration::from_secs(20),
+        "the abandoned upload aborted",
+        || async { uploads().await == 0 },
+    )
+    .await;
+    expect_problem(
+        app.get("/v1/artifacts/half.bin", &t.viewer).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    // And a whole one goes through, in parts, and reads back.
+    let data = pattern((5 << 20) * 2 + 123);
+    expect_json(
+        put(&app, &t.operator, "whole.bin", data.clone()).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let got = app.get("/v1/artifacts/whole.bin", &t.viewer).await;
+    assert_eq!(got.bytes().await.expect("body").as_ref(), &data[..]);
+}
