@@ -40,7 +40,7 @@ async fn seed(app: &TestApp, tenant: TenantId) {
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query("insert into artifacts (id, tenant_id, key, content_type, size, sha256) values ($1, $2, 'a.txt', 'text/plain', 1, $3)")
+    sqlx::query("insert into artifacts (id, tenant_id, key, storage_path, content_type, size, sha256) values ($1, $2, 'a.txt', 'tenants/' || $2 || '/a', 'text/plain', 1, $3)")
         .bind(Uuid::new_v4()).bind(t).bind("0".repeat(64)).execute(&mut *tx).await.unwrap();
     let seed = cybernetic::domain::event_type::EventType::parse("test.seed").unwrap();
     cybernetic::db::events::append(&mut tx, tenant, &seed, &serde_json::json!({}))
@@ -122,7 +122,11 @@ async fn writes_carrying_another_tenants_id_are_refused() {
         "insert into system_states (id, tenant_id, system, version, state) values (gen_random_uuid(), $1, 2, 1, '{}')",
         "insert into episodes (id, tenant_id, title, content) values (gen_random_uuid(), $1, 'x', 'y')",
         "insert into policies (id, tenant_id, name, rules) values (gen_random_uuid(), $1, 'x', '[]')",
-        "insert into artifacts (id, tenant_id, key, content_type, size, sha256) values (gen_random_uuid(), $1, 'b', 't', 0, repeat('0', 64))",
+        "insert into artifacts (id, tenant_id, key, storage_path, content_type, size, sha256) values (gen_random_uuid(), $1, 'b', 'tenants/x/b', 't', 0, repeat('0', 64))",
+        "insert into policy_violations (id, tenant_id, policy_name, policy_version, rule_index, rule, system, severity) values (gen_random_uuid(), $1, 'p', 1, 0, '{}', 1, 'info')",
+        "insert into notification_channels (id, tenant_id, name, kind, config) values (gen_random_uuid(), $1, 'c', 'webhook', '{}')",
+        "insert into reflections (id, tenant_id, kind, period_start, period_end, timezone, summary) values (gen_random_uuid(), $1, 'daily', now() - interval '1 day', now(), 'UTC', '{}')",
+        "insert into jobs (id, tenant_id, kind, queue, args, max_attempts) values (gen_random_uuid(), $1, 'x', 'default', '{}', 1)",
         "insert into events (tenant_id, position, type, data) values ($1, 99, 'x', '{}')",
         "insert into event_heads (tenant_id, position) values ($1, 99)",
         "insert into api_keys (id, tenant_id, name, role, prefix, secret_hash) values (gen_random_uuid(), $1, 'k', 'admin', 'p', sha256('x'::bytea))",
