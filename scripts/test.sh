@@ -61,8 +61,12 @@ fi
 # --- S3-compatible server (the storage tests): moto, from PyPI, in its own virtualenv -----------
 : "${TEST_S3_ENDPOINT:=http://127.0.0.1:5000}"
 export TEST_S3_ENDPOINT
-s3_port=${TEST_S3_ENDPOINT##*:}
-s3_up() { (exec 3<>"/dev/tcp/127.0.0.1/$s3_port") 2>/dev/null; }
+s3_hostport=${TEST_S3_ENDPOINT#*://}
+s3_hostport=${s3_hostport%%/*}
+s3_host=${s3_hostport%:*}
+s3_port=${s3_hostport##*:}
+[ "$s3_port" = "$s3_hostport" ] && s3_port=80
+s3_up() { (exec 3<>"/dev/tcp/$s3_host/$s3_port") 2>/dev/null; }
 if ! s3_up; then
   moto_home=${MOTO_HOME:-/opt/moto}
   if [ ! -x "$moto_home/bin/moto_server" ]; then
@@ -76,7 +80,7 @@ if ! s3_up; then
     "$moto_home/bin/pip" install -q 'moto[server]'
   fi
   log "starting moto_server on port $s3_port"
-  nohup "$moto_home/bin/moto_server" -H 127.0.0.1 -p "$s3_port" >"${TMPDIR:-/tmp}/moto_server.log" 2>&1 &
+  nohup "$moto_home/bin/moto_server" -H "$s3_host" -p "$s3_port" >"${TMPDIR:-/tmp}/moto_server.log" 2>&1 &
   for _ in $(seq 1 120); do
     s3_up && break
     sleep 0.5

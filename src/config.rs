@@ -331,6 +331,14 @@ impl Config {
             max_bytes: src.number("STORAGE_MAX_BYTES", 5 << 30, 1..=(1 << 40))?,
         };
         if let StorageBackend::S3(s3) = &storage.backend
+            && (s3.part_size as u64).saturating_mul(10_000) < storage.max_bytes
+        {
+            return Err(ConfigError::new(
+                "S3_PART_SIZE",
+                "times 10000 parts (S3's limit) must be at least STORAGE_MAX_BYTES",
+            ));
+        }
+        if let StorageBackend::S3(s3) = &storage.backend
             && s3.access_key_id.is_some() != s3.secret_access_key.is_some()
         {
             return Err(ConfigError::new(

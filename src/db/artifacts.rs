@@ -152,8 +152,8 @@ pub async fn list(
     let pattern = format!("{}%", escape_like(prefix));
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {COLUMNS} from artifacts
-          where tenant_id = $1 and key like $2 and ($3::text is null or key > $3)
-          order by key
+          where tenant_id = $1 and key like $2 and ($3::text is null or key > $3 collate \"C\")
+          order by key collate \"C\"
           limit $4"
     )))
     .bind(tenant.as_uuid())

@@ -79,12 +79,8 @@ impl StoragePath {
         if prefix.is_empty() {
             return Ok(Self(format!("{}/", tenant_prefix(tenant))));
         }
-        // A prefix is valid when it is the start of some valid key.
-        let probe = if prefix.ends_with('/') {
-            format!("{prefix}x")
-        } else {
-            prefix.to_owned()
-        };
+        // A prefix is valid when it is the start of some valid key (`.` starts `.hidden`).
+        let probe = format!("{prefix}x");
         ObjectKey::parse(&probe).map_err(|e| ParseError::new("prefix", e.reason))?;
         Ok(Self(format!("{}/{prefix}", tenant_prefix(tenant))))
     }

@@ -47,7 +47,8 @@ pub fn encode_cursor<T: Serialize>(position: &T) -> String {
 pub fn decode_cursor<T: DeserializeOwned>(raw: Option<&str>) -> Result<Option<T>, ParseError> {
     let Some(raw) = raw else { return Ok(None) };
     let invalid = || ParseError::new("cursor", "is not a cursor this list returned");
-    if raw.len() > 512 {
+    // Room for the longest position: an artifact key of 1024 bytes, JSON-escaped, in base64.
+    if raw.len() > 4096 {
         return Err(invalid());
     }
     let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;

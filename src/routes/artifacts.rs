@@ -40,7 +40,10 @@ use super::{Page, event_data};
 const META_PREFIX: &str = "x-artifact-meta-";
 const TAGS_HEADER: &str = "x-artifact-tags";
 /// S3's own limits, so every backend accepts what one accepts.
-const MAX_METADATA_BYTES: usize = 2048;
+/// S3 allows 2 KB of user metadata, and the S3 backend keeps the checksum in it.
+const MAX_METADATA_BYTES: usize = 1900;
+/// Metadata names the platform keeps for itself.
+const RESERVED_META_PREFIX: &str = "cyb-";
 const MAX_TAGS: usize = 10;
 const MAX_CONTENT_TYPE_BYTES: usize = 255;
 /// Advisory-lock class for "store one key of one tenant".
@@ -86,6 +89,12 @@ fn parse_upload(headers: &HeaderMap) -> Result<Upload, ApiError> {
         let Some(field) = name.as_str().strip_prefix(META_PREFIX) else {
             continue;
         };
+        if field.starts_with(RESERVED_META_PREFIX) {
+            return Err(invalid_header(
+                "x-artifact-meta-*",
+                "names starting with cyb- are reserved",
+            ));
+        }
         if field.is_empty()
             || field.len() > 64
             || !field
@@ -116,7 +125,7 @@ fn parse_upload(headers: &HeaderMap) -> Result<Upload, ApiError> {
     if metadata_bytes > MAX_METADATA_BYTES {
         return Err(invalid_header(
             "x-artifact-meta-*",
-            "names and values together must be at most 2048 bytes",
+            "names and values together must be at most 1900 bytes",
         ));
     }
     let mut tags = BTreeMap::new();
@@ -129,6 +138,14 @@ fn parse_upload(headers: &HeaderMap) -> Result<Upload, ApiError> {
                 return Err(invalid_header(
                     "x-artifact-tags",
                     "tag keys are 1-128 characters, values at most 256",
+                ));
+            }
+            // The characters S3 accepts in tags.
+            let allowed = |c: char| c.is_alphanumeric() || " +-=._:/@".contains(c);
+            if !k.chars().all(allowed) || !v.chars().all(allowed) {
+                return Err(invalid_header(
+                    "x-artifact-tags",
+                    "tags may hold letters, digits, spaces and + - = . _ : / @",
                 ));
             }
             if tags.insert(k.into_owned(), v.into_owned()).is_some() {
@@ -155,6 +172,14 @@ fn parse_upload(headers: &HeaderMap) -> Result<Upload, ApiError> {
         tags,
         if_absent,
     })
+}
+
+fn exists() -> ApiError {
+    ApiError::new(
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+        "an artifact with this key exists and If-None-Match: * was given",
+    )
 }
 
 fn too_large(max: u64) -> ApiError {
@@ -196,8 +221,8 @@ fn storage_error(e: StorageError) -> ApiError {
     }
 }
 
-/// Deletes an object nothing names any more, logging (not failing) when the backend refuses:
-/// reconciliation removes it later.
+/// Deletes an object nothing names any more, logging (not failing) when the backend refuses: the
+/// object is then left in the backend, unreferenced, and the log line names it.
 async fn discard(state: &AppState, path: &StoragePath) {
     if let Err(e) = state.storage.delete(path).await {
         tracing::warn!(path = path.as_str(), error = %e, "could not delete an unreferenced object");
@@ -223,6 +248,10 @@ pub async fn put(
         return Err(too_large(max));
     }
     let tenant = auth.tenant_id;
+    // Refused before the body is read when it is already clear; checked again at the commit.
+    if upload.if_absent && find(&state, tenant, &key).await.is_ok() {
+        return Err(exists());
+    }
     let path = StoragePath::upload(tenant);
     let over = Arc::new(AtomicBool::new(false));
     let options = PutOptions {
@@ -287,13 +316,7 @@ async fn record(
         tags: &tags,
     };
     let (artifact, previous) = match artifacts::store(&mut tx, tenant, &new, if_absent).await? {
-        Stored::Exists => {
-            return Err(ApiError::new(
-                StatusCode::PRECONDITION_FAILED,
-                "precondition_failed",
-                "an artifact with this key exists and If-None-Match: * was given",
-            ));
-        }
+        Stored::Exists => return Err(exists()),
         Stored::Created(artifact) => (artifact, None),
         Stored::Replaced {
             artifact,
@@ -414,6 +437,18 @@ fn byte_range(headers: &HeaderMap, size: u64) -> Result<Option<std::ops::Range<u
     }
 }
 
+fn unsatisfiable(size: u64) -> ApiError {
+    let error = ApiError::new(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "range_not_satisfiable",
+        format!("the artifact has {size} bytes"),
+    );
+    match HeaderValue::from_str(&format!("bytes */{size}")) {
+        Ok(v) => error.with_header(header::CONTENT_RANGE, v),
+        Err(_) => error,
+    }
+}
+
 #[tracing::instrument(skip_all)]
 pub async fn get(
     auth: TenantAuth<Viewer>,
@@ -431,17 +466,7 @@ pub async fn get(
     let size = u64::try_from(artifact.size).unwrap_or(0);
     let range = match byte_range(&headers, size) {
         Ok(range) => range,
-        Err(()) => {
-            let mut error = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "range_not_satisfiable",
-                format!("the artifact has {size} bytes"),
-            );
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                error = error.with_header(header::CONTENT_RANGE, v);
-            }
-            return Err(error);
-        }
+        Err(()) => return Err(unsatisfiable(size)),
     };
     let partial = range.is_some();
     let path = StoragePath::raw(&artifact.storage_path);
@@ -455,13 +480,7 @@ pub async fn get(
             );
             return Err(ApiError::not_found("artifact"));
         }
-        Err(StorageError::InvalidRange { size }) => {
-            return Err(ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "range_not_satisfiable",
-                format!("the artifact has {size} bytes"),
-            ));
-        }
+        Err(StorageError::InvalidRange { size }) => return Err(unsatisfiable(size)),
         Err(e) => return Err(storage_error(e)),
     };
     let length = object.range.end - object.range.start;

@@ -35,6 +35,8 @@ const TRAILER_FIXED: u64 = 16;
 const MAX_TRAILER_JSON: u64 = 1 << 20;
 const OBJECT_SUFFIX: char = '\\';
 const CHUNK: usize = 64 * 1024;
+/// A temp file not written to for this long belongs to an upload that will never finish.
+pub const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
@@ -44,7 +46,8 @@ pub struct LocalStorage {
 
 impl LocalStorage {
     /// Opens the store at `root` (creating it), and removes what uploads cut off by a crash left
-    /// in its temp directory.
+    /// in its temp directory: temp files untouched for [`STALE_UPLOAD`], so the uploads in progress
+    /// of another process sharing the root (a `serve` and a `worker` on one volume) are left be.
     pub async fn open(root: impl AsRef<Path>) -> Result<Self, StorageError> {
         let root = root.as_ref();
         fs::create_dir_all(root).await?;
@@ -53,10 +56,23 @@ impl LocalStorage {
         let tmp = root.join(".tmp");
         fs::create_dir_all(&objects).await?;
         fs::create_dir_all(&tmp).await?;
-        let mut stale = fs::read_dir(&tmp).await?;
+        let mut entries = fs::read_dir(&tmp).await?;
         let mut removed = 0;
-        while let Some(entry) = stale.next_entry().await? {
-            fs::remove_file(entry.path()).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let meta = entry.metadata().await?;
+            let idle = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if idle < STALE_UPLOAD {
+                continue;
+            }
+            if meta.is_dir() {
+                fs::remove_dir_all(entry.path()).await?;
+            } else {
+                fs::remove_file(entry.path()).await?;
+            }
             removed += 1;
         }
         if removed > 0 {

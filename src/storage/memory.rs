@@ -123,8 +123,8 @@ impl Storage for MemoryStorage {
         Box::pin(async move {
             let objects = self.read();
             let start = match after {
-                Some(after) => std::ops::Bound::Excluded(after),
-                None => std::ops::Bound::Included(prefix.as_str()),
+                Some(after) if after >= prefix.as_str() => std::ops::Bound::Excluded(after),
+                _ => std::ops::Bound::Included(prefix.as_str()),
             };
             let mut items: Vec<ObjectMeta> = objects
                 .range::<str, _>((start, std::ops::Bound::Unbounded))

@@ -520,6 +520,8 @@ impl Storage for S3Storage {
         limit: usize,
     ) -> BoxFuture<'a, Result<ListPage, StorageError>> {
         Box::pin(async move {
+            // S3 answers at most 1000 keys a request: one more than the page tells if more follow.
+            let limit = limit.min(999);
             let listed = self
                 .client
                 .list_objects_v2()

@@ -314,6 +314,11 @@ async fn traversal_and_malformed_keys_are_refused() {
     }
     let listed = expect_json(app.get("/v1/artifacts", &t.viewer).await, StatusCode::OK).await;
     assert_eq!(listed["items"], serde_json::json!([]));
+    expect_json(
+        app.get("/v1/artifacts?prefix=.", &t.viewer).await,
+        StatusCode::OK,
+    )
+    .await;
     expect_problem(
         app.get("/v1/artifacts?prefix=../", &t.viewer).await,
         StatusCode::BAD_REQUEST,
@@ -322,6 +327,8 @@ async fn traversal_and_malformed_keys_are_refused() {
     .await;
     for (name, value) in [
         ("x-artifact-meta-Bad_Name", "v"),
+        ("x-artifact-meta-cyb-sha256", "forged"),
+        ("x-artifact-tags", "k=a<b"),
         ("x-artifact-tags", "=novalue"),
         ("if-none-match", "\"abc\""),
         ("content-type", "nonsense"),

@@ -279,13 +279,22 @@ async fn the_local_backend_cleans_unfinished_uploads_and_never_follows_links() {
         .put(&kept, body_from("kept"), PutOptions::default())
         .await
         .expect("put");
-    // What a crash mid-upload leaves behind.
-    std::fs::write(root.join(".tmp").join("deadbeef.upload"), b"partial").expect("write");
+    // What a crash mid-upload leaves behind, untouched for longer than any live upload is idle;
+    // and a live upload of another process sharing the root, which is left alone.
+    let stale = root.join(".tmp").join("deadbeef.upload");
+    std::fs::write(&stale, b"partial").expect("write");
+    let old = std::time::SystemTime::now() - cybernetic::storage::local::STALE_UPLOAD * 2;
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .and_then(|f| f.set_modified(old))
+        .expect("age the file");
+    let live = root.join(".tmp").join("cafe.upload");
+    std::fs::write(&live, b"in progress").expect("write");
     let reopened = LocalStorage::open(&root).await.expect("reopen");
-    assert_eq!(
-        std::fs::read_dir(root.join(".tmp")).expect("tmp").count(),
-        0
-    );
+    assert!(!stale.exists(), "the stale upload is removed");
+    assert!(live.exists(), "a live upload is left alone");
+    std::fs::remove_file(&live).expect("remove");
     assert_eq!(read_all(&reopened, &kept, None).await, b"kept");
 
     // A link planted inside the tree, pointing outside it, is refused, not followed.
