@@ -110,6 +110,7 @@ impl App {
             Mode::Serve { jobs } => (router::build(state.clone()), jobs),
             Mode::Worker { jobs } => (router::build_ops(state.clone()), Some(jobs)),
         };
+        let jobs = jobs.map(|registry| registry.with_storage(state.storage.clone()));
         Ok(Self {
             listener,
             router,

@@ -60,6 +60,7 @@ fn describe_metrics() {
     crate::db::describe_metrics();
     crate::events::describe_metrics();
     crate::jobs::describe_metrics();
+    crate::storage::metered::describe_metrics();
 }
 
 /// Histograms keep samples until upkeep folds them; run it in the background.

@@ -164,6 +164,32 @@ pub async fn list(
     .await?)
 }
 
+/// Records what processing found on the artifact, if it still names the upload processed;
+/// `false` when it was replaced or deleted meanwhile.
+#[tracing::instrument(skip_all)]
+pub async fn record_processing(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    key: &str,
+    storage_path: &str,
+    verified: bool,
+    detected_content_type: Option<&str>,
+) -> DbResult<bool> {
+    let done = sqlx::query(
+        "update artifacts
+            set checksum_verified_at = case when $4 then now() end, detected_content_type = $5
+          where tenant_id = $1 and key = $2 and storage_path = $3",
+    )
+    .bind(tenant.as_uuid())
+    .bind(key)
+    .bind(storage_path)
+    .bind(verified)
+    .bind(detected_content_type)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// `raw` with LIKE's wildcards and escape character taken literally.
 fn escape_like(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());

@@ -8,6 +8,7 @@
 //! kept until pruned and retryable by hand. Every state change a tenant cares about is an event in
 //! its log (`job.progress`, `job.completed`, `job.retrying`, `job.failed`, `job.cancelled`).
 
+pub mod artifact_processing;
 pub mod backoff;
 pub mod cron;
 pub mod episode_analysis;
@@ -228,6 +229,8 @@ pub struct Services {
     pub http: reqwest::Client,
     pub analyzer: Arc<dyn Analyzer>,
     pub notifications: NotificationsConfig,
+    /// The artifact storage (the process's own; in-memory until the process sets it).
+    pub storage: Arc<dyn crate::storage::Storage>,
 }
 
 impl Services {
@@ -248,6 +251,7 @@ impl Services {
             http,
             analyzer: Arc::new(TextAnalyzer),
             notifications,
+            storage: Arc::new(crate::storage::memory::MemoryStorage::new()),
         }
     }
 }
@@ -311,7 +315,8 @@ impl Registry {
             .with_services(Services::new(config.notifications.clone()))
             .register::<episode_analysis::EpisodeAnalysis>()
             .register::<policy_evaluation::PolicyEvaluation>()
-            .register::<notification::Notification>();
+            .register::<notification::Notification>()
+            .register::<artifact_processing::ArtifactProcessing>();
         let cron = &config.jobs.cron;
         if let Some(expr) = &cron.health_snapshot {
             registry = registry.schedule::<health_snapshot::HealthSnapshot>(expr.clone());
@@ -327,6 +332,12 @@ impl Registry {
 
     pub fn with_services(mut self, services: Services) -> Self {
         self.services = services;
+        self
+    }
+
+    /// The artifact storage the kinds read (the process's own).
+    pub fn with_storage(mut self, storage: Arc<dyn crate::storage::Storage>) -> Self {
+        self.services.storage = storage;
         self
     }
 

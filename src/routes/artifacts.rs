@@ -32,6 +32,8 @@ use crate::domain::pagination::Limit;
 use crate::domain::tenant::TenantId;
 use crate::http::error::ApiError;
 use crate::http::extract::{AppPath, AppQuery, Operator, TenantAuth, Viewer};
+use crate::jobs::artifact_processing::ArtifactProcessing;
+use crate::jobs::{self, Enqueue};
 use crate::state::AppState;
 use crate::storage::{ByteStream, PutOptions, StorageError};
 
@@ -323,6 +325,13 @@ async fn record(
             previous_path,
         } => (artifact, Some(previous_path)),
     };
+    // Checked again from the stored bytes in the background, committed with the row.
+    let processing = ArtifactProcessing {
+        key: artifact.key.clone(),
+        storage_path: artifact.storage_path.clone(),
+        sha256: artifact.sha256.clone(),
+    };
+    jobs::enqueue(&mut tx, tenant, &processing, Enqueue::default()).await?;
     let event = events::append(
         &mut tx,
         tenant,

@@ -10,6 +10,7 @@
 
 pub mod local;
 pub mod memory;
+pub mod metered;
 pub mod s3;
 
 use std::collections::BTreeMap;
@@ -140,13 +141,14 @@ pub async fn open(
     backend: &crate::config::StorageBackend,
 ) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
     use crate::config::StorageBackend;
-    Ok(match backend {
+    let inner: std::sync::Arc<dyn Storage> = match backend {
         StorageBackend::Local { root } => {
             std::sync::Arc::new(local::LocalStorage::open(root).await?)
         }
         StorageBackend::S3(config) => std::sync::Arc::new(s3::S3Storage::new(config).await),
         StorageBackend::Memory => std::sync::Arc::new(memory::MemoryStorage::new()),
-    })
+    };
+    Ok(std::sync::Arc::new(metered::Metered::new(inner)))
 }
 
 /// `range` checked against an object of `size` bytes: the end is clamped to the size; a range

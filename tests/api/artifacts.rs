@@ -522,3 +522,94 @@ async fn an_upload_the_client_abandons_leaves_no_parts_on_s3() {
     let got = app.get("/v1/artifacts/whole.bin", &t.viewer).await;
     assert_eq!(got.bytes().await.expect("body").as_ref(), &data[..]);
 }
+
+/// The first bytes of a PNG image: what content detection recognises.
+fn png() -> Vec<u8> {
+    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    bytes.extend(pattern(5000));
+    bytes
+}
+
+#[tokio::test]
+async fn stored_artifacts_are_verified_and_their_type_detected_in_the_background() {
+    let app = TestApp::spawn_with(Options::default().workers()).await;
+    let t = app.tenant("processed").await;
+    let res = app
+        .client
+        .put(app.url("/v1/artifacts/images/logo"))
+        .bearer_auth(&t.operator)
+        .header("content-type", "application/octet-stream")
+        .body(png())
+        .send()
+        .await
+        .expect("put");
+    let stored = expect_json(res, StatusCode::CREATED).await;
+    assert_eq!(stored["checksum_verified_at"], Value::Null);
+    eventually(
+        Duration::from_secs(15),
+        "the artifact processed",
+        || async {
+            let listed = expect_json(
+                app.get("/v1/artifacts?prefix=images/", &t.viewer).await,
+                StatusCode::OK,
+            )
+            .await;
+            let a = &listed["items"][0];
+            a["detected_content_type"] == "image/png" && a["checksum_verified_at"].is_string()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_corrupted_object_fails_its_verification_for_good() {
+    let root = std::env::temp_dir().join(format!("cyb-verify-{}", uuid::Uuid::new_v4().simple()));
+    let app = TestApp::spawn_with(
+        Options::default()
+            .env("STORAGE_BACKEND", "local")
+            .env("STORAGE_LOCAL_ROOT", root.to_str().expect("utf-8 path")),
+    )
+    .await;
+    let t = app.tenant("corrupt").await;
+    expect_json(
+        put(&app, &t.operator, "data.bin", pattern(4096)).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    // Flip one byte of the stored object, in place (its trailer stays intact).
+    let files = walk(&root.join("objects"));
+    assert_eq!(files.len(), 1);
+    let mut bytes = std::fs::read(&files[0]).expect("read");
+    bytes[100] ^= 0xff;
+    std::fs::write(&files[0], bytes).expect("write");
+
+    let storage = cybernetic::storage::local::LocalStorage::open(&root)
+        .await
+        .expect("open");
+    let registry = cybernetic::jobs::Registry::new()
+        .register::<cybernetic::jobs::artifact_processing::ArtifactProcessing>()
+        .with_storage(std::sync::Arc::new(storage));
+    let (pool, _) = crate::jobs::pool_running(&app.db_name, registry, crate::jobs::config());
+    let ran = pool
+        .run_due(cybernetic::domain::job::Queue::Analysis, 10)
+        .await
+        .expect("run");
+    assert_eq!(ran.len(), 1);
+    let dead = expect_json(
+        app.get("/v1/jobs?state=dead&kind=artifact_processing", &t.viewer)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let job = &dead["items"][0];
+    assert!(
+        job["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("checksum mismatch")),
+        "{job}"
+    );
+    assert_eq!(job["attempts"], 1, "a mismatch is not retried");
+    let listed = expect_json(app.get("/v1/artifacts", &t.viewer).await, StatusCode::OK).await;
+    assert_eq!(listed["items"][0]["checksum_verified_at"], Value::Null);
+    let _ = std::fs::remove_dir_all(&root);
+}
