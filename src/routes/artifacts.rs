@@ -458,6 +458,30 @@ fn unsatisfiable(size: u64) -> ApiError {
     }
 }
 
+/// What GET and HEAD start from: the artifact and the headers describing it, or the 304 a
+/// matching `If-None-Match` gets.
+enum Lookup {
+    Found(Box<Artifact>, HeaderMap),
+    NotModified(Response),
+}
+
+async fn look_up(
+    state: &AppState,
+    tenant: TenantId,
+    key: &ObjectKey,
+    request: &HeaderMap,
+) -> Result<Lookup, ApiError> {
+    let artifact = find(state, tenant, key).await?;
+    let mut out = HeaderMap::new();
+    describe(&artifact, &mut out);
+    if not_modified(request, &artifact) {
+        return Ok(Lookup::NotModified(
+            (StatusCode::NOT_MODIFIED, out).into_response(),
+        ));
+    }
+    Ok(Lookup::Found(Box::new(artifact), out))
+}
+
 #[tracing::instrument(skip_all)]
 pub async fn get(
     auth: TenantAuth<Viewer>,
@@ -466,12 +490,10 @@ pub async fn get(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = key_param(&key)?;
-    let artifact = find(&state, auth.tenant_id, &key).await?;
-    let mut out = HeaderMap::new();
-    describe(&artifact, &mut out);
-    if not_modified(&headers, &artifact) {
-        return Ok((StatusCode::NOT_MODIFIED, out).into_response());
-    }
+    let (artifact, mut out) = match look_up(&state, auth.tenant_id, &key, &headers).await? {
+        Lookup::Found(artifact, out) => (artifact, out),
+        Lookup::NotModified(response) => return Ok(response),
+    };
     let size = u64::try_from(artifact.size).unwrap_or(0);
     let range = match byte_range(&headers, size) {
         Ok(range) => range,
@@ -525,12 +547,10 @@ pub async fn head(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = key_param(&key)?;
-    let artifact = find(&state, auth.tenant_id, &key).await?;
-    let mut out = HeaderMap::new();
-    describe(&artifact, &mut out);
-    if not_modified(&headers, &artifact) {
-        return Ok((StatusCode::NOT_MODIFIED, out).into_response());
-    }
+    let (artifact, mut out) = match look_up(&state, auth.tenant_id, &key, &headers).await? {
+        Lookup::Found(artifact, out) => (artifact, out),
+        Lookup::NotModified(response) => return Ok(response),
+    };
     if let Ok(v) = HeaderValue::from_str(&artifact.size.to_string()) {
         out.insert(header::CONTENT_LENGTH, v);
     }

@@ -232,6 +232,32 @@ impl S3Storage {
         })
     }
 
+    /// The object's metadata (a HEAD and its tagging) and its ETag.
+    async fn describe(
+        &self,
+        path: &StoragePath,
+    ) -> Result<(ObjectMeta, Option<String>), StorageError> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(path.as_str())
+            .send()
+            .await
+            .map_err(read_error)?;
+        let (metadata, sha256) = split_metadata(head.metadata());
+        let meta = ObjectMeta {
+            path: path.as_str().to_owned(),
+            size: u64::try_from(head.content_length().unwrap_or(0)).unwrap_or(0),
+            content_type: head.content_type().unwrap_or_default().to_owned(),
+            metadata,
+            tags: self.tags(path.as_str()).await?,
+            sha256,
+            modified_at: time(head.last_modified()),
+        };
+        Ok((meta, head.e_tag().map(str::to_owned)))
+    }
+
     async fn tags(&self, key: &str) -> Result<BTreeMap<String, String>, StorageError> {
         let tagging = self
             .client
@@ -428,36 +454,19 @@ impl Storage for S3Storage {
         range: Option<Range<u64>>,
     ) -> BoxFuture<'a, Result<GetResult, StorageError>> {
         Box::pin(async move {
-            let head = self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(path.as_str())
-                .send()
-                .await
-                .map_err(read_error)?;
-            let size = u64::try_from(head.content_length().unwrap_or(0)).unwrap_or(0);
-            let range = fit_range(range, size)?;
+            let (meta, etag) = self.describe(path).await?;
+            let range = fit_range(range, meta.size)?;
             let mut get = self
                 .client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(path.as_str())
                 // The object read is the one just described, not one replaced meanwhile.
-                .set_if_match(head.e_tag().map(str::to_owned));
+                .set_if_match(etag);
             if range.end > range.start {
                 get = get.range(format!("bytes={}-{}", range.start, range.end - 1));
             }
             let object = get.send().await.map_err(read_error)?;
-            let meta = ObjectMeta {
-                path: path.as_str().to_owned(),
-                size,
-                content_type: head.content_type().unwrap_or_default().to_owned(),
-                metadata: split_metadata(head.metadata()).0,
-                tags: self.tags(path.as_str()).await?,
-                sha256: split_metadata(head.metadata()).1,
-                modified_at: time(head.last_modified()),
-            };
             let body = futures::stream::unfold(object.body, |mut body| async move {
                 body.next().await.map(|chunk| {
                     (
@@ -478,26 +487,7 @@ impl Storage for S3Storage {
         &'a self,
         path: &'a StoragePath,
     ) -> BoxFuture<'a, Result<ObjectMeta, StorageError>> {
-        Box::pin(async move {
-            let head = self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(path.as_str())
-                .send()
-                .await
-                .map_err(read_error)?;
-            let (metadata, sha256) = split_metadata(head.metadata());
-            Ok(ObjectMeta {
-                path: path.as_str().to_owned(),
-                size: u64::try_from(head.content_length().unwrap_or(0)).unwrap_or(0),
-                content_type: head.content_type().unwrap_or_default().to_owned(),
-                metadata,
-                tags: self.tags(path.as_str()).await?,
-                sha256,
-                modified_at: time(head.last_modified()),
-            })
-        })
+        Box::pin(async move { self.describe(path).await.map(|(meta, _)| meta) })
     }
 
     fn delete<'a>(&'a self, path: &'a StoragePath) -> BoxFuture<'a, Result<(), StorageError>> {
