@@ -34,7 +34,9 @@ const TRAILER_FIXED: u64 = 16;
 /// Metadata beyond this is not a trailer this backend wrote.
 const MAX_TRAILER_JSON: u64 = 1 << 20;
 const OBJECT_SUFFIX: char = '\\';
-const CHUNK: usize = 64 * 1024;
+/// Read and write unit: each is one hop to tokio's blocking pool, so larger is faster up to the
+/// pool's own buffer (2 MiB).
+const CHUNK: usize = 1024 * 1024;
 /// A temp file not written to for this long belongs to an upload that will never finish.
 pub const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 

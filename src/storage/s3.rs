@@ -95,14 +95,14 @@ impl S3Storage {
         &self.client
     }
 
+    /// Uploads `first` and the rest of `parts` as a multipart upload.
     async fn put_multipart(
         &self,
         key: &str,
-        mut buffer: BytesMut,
-        mut body: ByteStream,
+        first: Bytes,
+        parts: &mut PartReader,
         options: &PutOptions,
-        hash: &mut Sha256,
-    ) -> Result<u64, StorageError> {
+    ) -> Result<(), StorageError> {
         let created = self
             .client
             .create_multipart_upload()
@@ -127,49 +127,30 @@ impl S3Storage {
             upload_id: Some(upload_id.clone()),
         };
         let uploaded = async {
-            let mut parts = Vec::new();
+            let mut done_parts = Vec::new();
             let mut in_flight = FuturesUnordered::new();
-            let mut size = buffer.len() as u64;
             let mut number = 0;
-            let mut ended = false;
+            let mut ready = Some(first);
             loop {
-                // Fill the next part (the caller has read, and hashed, the start of the body).
-                let mut next = None;
-                if !ended {
-                    while buffer.len() < self.part_size {
-                        match body.next().await {
-                            Some(chunk) => {
-                                let chunk = chunk?;
-                                hash.update(&chunk);
-                                size += chunk.len() as u64;
-                                buffer.extend_from_slice(&chunk);
-                            }
-                            None => {
-                                ended = true;
-                                break;
-                            }
-                        }
-                    }
-                }
-                if !buffer.is_empty() {
-                    let take = buffer.len().min(self.part_size);
-                    next = Some(buffer.split_to(take).freeze());
-                }
-                let Some(part) = next else {
-                    break;
+                let part = match ready.take() {
+                    Some(part) => part,
+                    None => match parts.next_part().await? {
+                        Some(part) => part,
+                        None => break,
+                    },
                 };
                 number += 1;
                 in_flight.push(self.upload_part(key, &upload_id, number, part));
                 if in_flight.len() >= self.parts_in_flight
                     && let Some(done) = in_flight.next().await
                 {
-                    parts.push(done?);
+                    done_parts.push(done?);
                 }
             }
             while let Some(done) = in_flight.next().await {
-                parts.push(done?);
+                done_parts.push(done?);
             }
-            parts.sort_by_key(|p: &CompletedPart| p.part_number());
+            done_parts.sort_by_key(|p: &CompletedPart| p.part_number());
             let mut complete = self
                 .client
                 .complete_multipart_upload()
@@ -178,14 +159,14 @@ impl S3Storage {
                 .upload_id(&upload_id)
                 .multipart_upload(
                     CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts))
+                        .set_parts(Some(done_parts))
                         .build(),
                 );
             if options.if_absent {
                 complete = complete.if_none_match("*");
             }
             complete.send().await.map_err(put_error)?;
-            Ok::<u64, StorageError>(size)
+            Ok::<(), StorageError>(())
         }
         .await;
         guard.upload_id = None;
@@ -272,6 +253,90 @@ impl S3Storage {
             .iter()
             .map(|t| (t.key().to_owned(), t.value().to_owned()))
             .collect())
+    }
+}
+
+/// Reads a body in parts of exactly `size` bytes (the last may be shorter), hashing and counting
+/// as it goes. Each part is an allocation of its own, sized once: memory stays at the parts held,
+/// never doubled by a growing buffer or kept alive by a slice of a larger one.
+struct PartReader {
+    body: ByteStream,
+    size: usize,
+    /// What the last chunk had beyond the part it completed.
+    leftover: Option<Bytes>,
+    ended: bool,
+    hash: Sha256,
+    total: u64,
+}
+
+impl PartReader {
+    fn new(body: ByteStream, size: usize) -> Self {
+        Self {
+            body,
+            size,
+            leftover: None,
+            ended: false,
+            hash: Sha256::new(),
+            total: 0,
+        }
+    }
+
+    /// Whether the body has bytes beyond what was read (reading one chunk ahead to know).
+    async fn more(&mut self) -> Result<bool, StorageError> {
+        if self.leftover.is_some() {
+            return Ok(true);
+        }
+        if self.ended {
+            return Ok(false);
+        }
+        match self.body.next().await {
+            Some(chunk) => {
+                let chunk = chunk?;
+                self.hash.update(&chunk);
+                self.total += chunk.len() as u64;
+                let nonempty = !chunk.is_empty();
+                self.leftover = nonempty.then_some(chunk);
+                if nonempty {
+                    Ok(true)
+                } else {
+                    Box::pin(self.more()).await
+                }
+            }
+            None => {
+                self.ended = true;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn next_part(&mut self) -> Result<Option<Bytes>, StorageError> {
+        let mut part = BytesMut::with_capacity(self.size);
+        while part.len() < self.size {
+            let chunk = match self.leftover.take() {
+                Some(chunk) => chunk,
+                None if self.ended => break,
+                None => match self.body.next().await {
+                    Some(chunk) => {
+                        let chunk = chunk?;
+                        self.hash.update(&chunk);
+                        self.total += chunk.len() as u64;
+                        chunk
+                    }
+                    None => {
+                        self.ended = true;
+                        break;
+                    }
+                },
+            };
+            let room = self.size - part.len();
+            if chunk.len() > room {
+                part.extend_from_slice(&chunk[..room]);
+                self.leftover = Some(chunk.slice(room..));
+            } else {
+                part.extend_from_slice(&chunk);
+            }
+        }
+        Ok((!part.is_empty()).then(|| part.freeze()))
     }
 }
 
@@ -393,56 +458,44 @@ impl Storage for S3Storage {
     fn put<'a>(
         &'a self,
         path: &'a StoragePath,
-        mut body: ByteStream,
+        body: ByteStream,
         options: PutOptions,
     ) -> BoxFuture<'a, Result<ObjectMeta, StorageError>> {
         Box::pin(async move {
             let key = path.as_str();
-            let mut hash = Sha256::new();
-            // Read up to one part: a body that ends within it goes up in one request.
-            let mut first = BytesMut::new();
-            let mut ended = false;
-            while first.len() < self.part_size {
-                match body.next().await {
-                    Some(chunk) => {
-                        let chunk = chunk?;
-                        hash.update(&chunk);
-                        first.extend_from_slice(&chunk);
+            let mut parts = PartReader::new(body, self.part_size);
+            // A body that ends within one part goes up in one request.
+            let first = parts.next_part().await?.unwrap_or_default();
+            let more = first.len() == self.part_size && parts.more().await?;
+            match more {
+                false => {
+                    let sha = hex::encode(parts.hash.clone().finalize());
+                    let mut put = self
+                        .client
+                        .put_object()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .content_type(&options.content_type)
+                        .set_metadata(Some(user_metadata(&options, Some(&sha))))
+                        .set_tagging(tagging(&options.tags))
+                        .body(AwsBody::from(first));
+                    if options.if_absent {
+                        put = put.if_none_match("*");
                     }
-                    None => {
-                        ended = true;
-                        break;
-                    }
+                    put.send().await.map_err(put_error)?;
+                }
+                true => {
+                    self.put_multipart(key, first, &mut parts, &options).await?;
                 }
             }
-            let size = if ended {
-                let size = first.len() as u64;
-                let sha = hex::encode(hash.clone().finalize());
-                let mut put = self
-                    .client
-                    .put_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .content_type(&options.content_type)
-                    .set_metadata(Some(user_metadata(&options, Some(&sha))))
-                    .set_tagging(tagging(&options.tags))
-                    .body(AwsBody::from(first.freeze()));
-                if options.if_absent {
-                    put = put.if_none_match("*");
-                }
-                put.send().await.map_err(put_error)?;
-                size
-            } else {
-                self.put_multipart(key, first, body, &options, &mut hash)
-                    .await?
-            };
+            let size = parts.total;
             Ok(ObjectMeta {
                 path: key.to_owned(),
                 size,
                 content_type: options.content_type,
                 metadata: options.metadata,
                 tags: options.tags,
-                sha256: Some(hex::encode(hash.finalize())),
+                sha256: Some(hex::encode(parts.hash.finalize())),
                 modified_at: Utc::now(),
             })
         })
