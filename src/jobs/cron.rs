@@ -8,7 +8,6 @@
 //! on each tenant's wall clock (`settings.timezone`, UTC when unset): the scheduler computes the
 //! ticks of every timezone tenants use, and each tick goes to the tenants of its timezone.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,17 +95,18 @@ pub async fn enqueue_ticks(
 }
 
 async fn zones(db: &Db) -> DbResult<Vec<Tz>> {
+    // Distinct names already: each maps to the tenants that spell it so.
     let names = store::tenant_timezones(db.primary()).await?;
-    let mut zones = BTreeSet::new();
-    for name in names {
-        match name.parse::<Tz>() {
-            Ok(zone) => {
-                zones.insert(zone.name());
+    Ok(names
+        .into_iter()
+        .filter_map(|name| {
+            let zone = name.parse::<Tz>();
+            if zone.is_err() {
+                tracing::warn!(timezone = %name, "a tenant names an unknown timezone");
             }
-            Err(_) => tracing::warn!(timezone = %name, "a tenant names an unknown timezone"),
-        }
-    }
-    Ok(zones.into_iter().filter_map(|n| n.parse().ok()).collect())
+            zone.ok()
+        })
+        .collect())
 }
 
 async fn enqueue_in(

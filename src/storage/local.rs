@@ -383,21 +383,7 @@ impl Storage for LocalStorage {
             paths
                 .retain(|p| p.starts_with(prefix.as_str()) && after.is_none_or(|a| p.as_str() > a));
             paths.sort_unstable();
-            let more = paths.len() > limit;
-            paths.truncate(limit);
-            let mut items = Vec::with_capacity(paths.len());
-            for p in &paths {
-                match self.head(&StoragePath::raw(p)).await {
-                    Ok(meta) => items.push(meta),
-                    // Deleted since the walk.
-                    Err(StorageError::NotFound) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(ListPage {
-                next: more.then(|| paths.last().cloned()).flatten(),
-                items,
-            })
+            super::page_of(self, paths, limit).await
         })
     }
 }

@@ -151,6 +151,29 @@ pub async fn open(
     Ok(std::sync::Arc::new(metered::Metered::new(inner)))
 }
 
+/// The page of a listing from the paths a backend found (sorted, `limit + 1` of them at most):
+/// each described by `head`, those deleted since the listing left out.
+async fn page_of<S: Storage + ?Sized>(
+    storage: &S,
+    mut paths: Vec<String>,
+    limit: usize,
+) -> Result<ListPage, StorageError> {
+    let more = paths.len() > limit;
+    paths.truncate(limit);
+    let mut items = Vec::with_capacity(paths.len());
+    for path in &paths {
+        match storage.head(&StoragePath::raw(path)).await {
+            Ok(meta) => items.push(meta),
+            Err(StorageError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ListPage {
+        next: more.then(|| paths.last().cloned()).flatten(),
+        items,
+    })
+}
+
 /// `range` checked against an object of `size` bytes: the end is clamped to the size; a range
 /// that starts at or past the end (of a non-empty object) or is empty is refused.
 pub fn fit_range(range: Option<Range<u64>>, size: u64) -> Result<Range<u64>, StorageError> {

@@ -281,32 +281,35 @@ impl PartReader {
         }
     }
 
-    /// Whether the body has bytes beyond what was read (reading one chunk ahead to know).
-    async fn more(&mut self) -> Result<bool, StorageError> {
-        if self.leftover.is_some() {
-            return Ok(true);
-        }
+    /// The body's next chunk, hashed and counted; `None` once it has ended.
+    async fn read_chunk(&mut self) -> Result<Option<Bytes>, StorageError> {
         if self.ended {
-            return Ok(false);
+            return Ok(None);
         }
         match self.body.next().await {
             Some(chunk) => {
                 let chunk = chunk?;
                 self.hash.update(&chunk);
                 self.total += chunk.len() as u64;
-                let nonempty = !chunk.is_empty();
-                self.leftover = nonempty.then_some(chunk);
-                if nonempty {
-                    Ok(true)
-                } else {
-                    Box::pin(self.more()).await
-                }
+                Ok(Some(chunk))
             }
             None => {
                 self.ended = true;
-                Ok(false)
+                Ok(None)
             }
         }
+    }
+
+    /// Whether the body has bytes beyond what was read (reading one chunk ahead to know).
+    async fn more(&mut self) -> Result<bool, StorageError> {
+        while self.leftover.is_none() {
+            match self.read_chunk().await? {
+                Some(chunk) if !chunk.is_empty() => self.leftover = Some(chunk),
+                Some(_) => {}
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
     async fn next_part(&mut self) -> Result<Option<Bytes>, StorageError> {
@@ -314,18 +317,9 @@ impl PartReader {
         while part.len() < self.size {
             let chunk = match self.leftover.take() {
                 Some(chunk) => chunk,
-                None if self.ended => break,
-                None => match self.body.next().await {
-                    Some(chunk) => {
-                        let chunk = chunk?;
-                        self.hash.update(&chunk);
-                        self.total += chunk.len() as u64;
-                        chunk
-                    }
-                    None => {
-                        self.ended = true;
-                        break;
-                    }
+                None => match self.read_chunk().await? {
+                    Some(chunk) => chunk,
+                    None => break,
                 },
             };
             let room = self.size - part.len();
@@ -467,26 +461,23 @@ impl Storage for S3Storage {
             // A body that ends within one part goes up in one request.
             let first = parts.next_part().await?.unwrap_or_default();
             let more = first.len() == self.part_size && parts.more().await?;
-            match more {
-                false => {
-                    let sha = hex::encode(parts.hash.clone().finalize());
-                    let mut put = self
-                        .client
-                        .put_object()
-                        .bucket(&self.bucket)
-                        .key(key)
-                        .content_type(&options.content_type)
-                        .set_metadata(Some(user_metadata(&options, Some(&sha))))
-                        .set_tagging(tagging(&options.tags))
-                        .body(AwsBody::from(first));
-                    if options.if_absent {
-                        put = put.if_none_match("*");
-                    }
-                    put.send().await.map_err(put_error)?;
+            if more {
+                self.put_multipart(key, first, &mut parts, &options).await?;
+            } else {
+                let sha = hex::encode(parts.hash.clone().finalize());
+                let mut put = self
+                    .client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .content_type(&options.content_type)
+                    .set_metadata(Some(user_metadata(&options, Some(&sha))))
+                    .set_tagging(tagging(&options.tags))
+                    .body(AwsBody::from(first));
+                if options.if_absent {
+                    put = put.if_none_match("*");
                 }
-                true => {
-                    self.put_multipart(key, first, &mut parts, &options).await?;
-                }
+                put.send().await.map_err(put_error)?;
             }
             let size = parts.total;
             Ok(ObjectMeta {
@@ -575,25 +566,12 @@ impl Storage for S3Storage {
                 .send()
                 .await
                 .map_err(backend)?;
-            let mut keys: Vec<String> = listed
+            let keys: Vec<String> = listed
                 .contents()
                 .iter()
                 .filter_map(|o| o.key().map(str::to_owned))
                 .collect();
-            let more = keys.len() > limit;
-            keys.truncate(limit);
-            let mut items = Vec::with_capacity(keys.len());
-            for key in &keys {
-                match self.head(&StoragePath::raw(key)).await {
-                    Ok(meta) => items.push(meta),
-                    Err(StorageError::NotFound) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(ListPage {
-                next: more.then(|| keys.last().cloned()).flatten(),
-                items,
-            })
+            super::page_of(self, keys, limit).await
         })
     }
 }
