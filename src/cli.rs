@@ -41,8 +41,27 @@ pub enum Command {
     /// Create, list and revoke a tenant's API keys.
     #[command(subcommand, name = "api-key")]
     ApiKey(ApiKeyCommand),
+    /// Register the bot's webhook and commands with Telegram, or show what Telegram has.
+    #[command(subcommand)]
+    Telegram(TelegramCommand),
     /// Load and validate the configuration, print it with secrets redacted, and exit.
     CheckConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TelegramCommand {
+    /// Point Telegram at this deployment's /telegram/webhook, with TELEGRAM_WEBHOOK_SECRET as the
+    /// secret token and only message updates, and register the bot's commands (setMyCommands).
+    SetWebhook {
+        /// The public HTTPS URL of /telegram/webhook, e.g. https://cyb.example.org/telegram/webhook.
+        #[arg(long)]
+        url: String,
+        /// Updates Telegram queued while no webhook answered are dropped instead of delivered.
+        #[arg(long)]
+        drop_pending_updates: bool,
+    },
+    /// Show Telegram's view of the webhook (getWebhookInfo): URL, pending updates, last error.
+    Info,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +138,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("configuration ok");
         }
         Command::Tenant(cmd) => tenant(cmd, &connect(&config)?).await?,
+        Command::Telegram(cmd) => telegram(cmd, &config).await?,
         Command::ApiKey(cmd) => api_key(cmd, &connect(&config)?).await?,
     }
     Ok(())
@@ -126,6 +146,58 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 
 fn connect(config: &Config) -> anyhow::Result<Db> {
     Ok(Db::connect_lazy(config.database_url()?, &config.database)?)
+}
+
+async fn telegram(cmd: TelegramCommand, config: &Config) -> anyhow::Result<()> {
+    use crate::telegram::command::COMMANDS;
+    use serde_json::json;
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let api = crate::telegram::BotApi::from_config(&config.telegram, http)
+        .ok_or_else(|| anyhow::anyhow!("TELEGRAM_BOT_TOKEN is not set"))?;
+    match cmd {
+        TelegramCommand::SetWebhook {
+            url,
+            drop_pending_updates,
+        } => {
+            let parsed = reqwest::Url::parse(&url)
+                .map_err(|e| anyhow::anyhow!("--url is not a URL: {e}"))?;
+            if parsed.scheme() != "https" {
+                anyhow::bail!("--url must be https:// (Telegram only posts to HTTPS webhooks)");
+            }
+            let secret = config
+                .telegram
+                .webhook_secret
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("TELEGRAM_WEBHOOK_SECRET is not set"))?;
+            api.call(
+                "setWebhook",
+                &json!({
+                    "url": url,
+                    "secret_token": secret.expose(),
+                    "allowed_updates": ["message"],
+                    "drop_pending_updates": drop_pending_updates,
+                }),
+            )
+            .await?;
+            let commands: Vec<_> = COMMANDS
+                .iter()
+                .map(|(name, what)| json!({"command": name, "description": what}))
+                .collect();
+            api.call("setMyCommands", &json!({"commands": commands}))
+                .await?;
+            println!(
+                "webhook set to {url}; {} commands registered",
+                COMMANDS.len()
+            );
+        }
+        TelegramCommand::Info => {
+            let info = api.call("getWebhookInfo", &json!({})).await?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+    }
+    Ok(())
 }
 
 async fn tenant(cmd: TenantCommand, db: &Db) -> anyhow::Result<()> {

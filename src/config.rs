@@ -124,6 +124,9 @@ pub struct CronConfig {
     pub health_snapshot: Option<Expr>,
     pub daily_reflection: Option<Expr>,
     pub weekly_review: Option<Expr>,
+    /// Deletes objects no artifact names (left by a crash mid-upload) and reports artifacts whose
+    /// object is missing.
+    pub storage_reconciliation: Option<Expr>,
 }
 
 /// Where artifacts' bytes are kept.
@@ -143,6 +146,10 @@ pub struct StorageConfig {
     pub backend: StorageBackend,
     /// Largest artifact accepted; a bigger upload is refused with 413 while it streams.
     pub max_bytes: u64,
+    /// How old an object no artifact names must be before storage reconciliation deletes it: the
+    /// time an upload may sit complete in the backend before its row is committed, with room for
+    /// the backend's clock to differ from the database's.
+    pub orphan_grace: Duration,
 }
 
 /// Outbound notifications (webhook deliveries).
@@ -175,7 +182,39 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub notifications: NotificationsConfig,
     pub storage: StorageConfig,
+    pub telegram: TelegramConfig,
     pub log_format: LogFormat,
+}
+
+/// The Telegram bot: where its Bot API is, how its webhook is verified, and the command limits.
+#[derive(Debug, Clone)]
+pub struct TelegramConfig {
+    /// The bot's token (`TELEGRAM_BOT_TOKEN`); without it nothing is sent and `/telegram/webhook`
+    /// answers 404.
+    pub bot_token: Option<Secret>,
+    /// What Telegram sends in `X-Telegram-Bot-Api-Secret-Token` (`TELEGRAM_WEBHOOK_SECRET`): fixed,
+    /// so every replica verifies the same one. Required with a token.
+    pub webhook_secret: Option<Secret>,
+    /// The Bot API's base URL (`TELEGRAM_API_BASE`).
+    pub api_base: String,
+    /// Commands one chat may send per minute, and at once.
+    pub chat_per_minute: u32,
+    pub chat_burst: u32,
+    /// Commands this process runs per second, over all chats; the rest wait their turn.
+    pub global_per_second: u32,
+}
+
+impl Default for TelegramConfig {
+    fn default() -> Self {
+        Self {
+            bot_token: None,
+            webhook_secret: None,
+            api_base: "https://api.telegram.org".into(),
+            chat_per_minute: 20,
+            chat_burst: 5,
+            global_per_second: 50,
+        }
+    }
 }
 
 const MIN_TOKEN_LEN: usize = 32;
@@ -268,6 +307,7 @@ impl Config {
                 health_snapshot: src.cron("CRON_HEALTH_SNAPSHOT", "0 0 * * * *")?,
                 daily_reflection: src.cron("CRON_DAILY_REFLECTION", "0 0 18 * * *")?,
                 weekly_review: src.cron("CRON_WEEKLY_REVIEW", "0 0 18 * * Fri")?,
+                storage_reconciliation: src.cron("CRON_STORAGE_RECONCILIATION", "0 15 * * * *")?,
             },
         };
         if jobs.poll_interval < Duration::from_millis(10) {
@@ -329,7 +369,14 @@ impl Config {
                 }
             },
             max_bytes: src.number("STORAGE_MAX_BYTES", 5 << 30, 1..=(1 << 40))?,
+            orphan_grace: src.duration("STORAGE_ORPHAN_GRACE", Duration::from_secs(3600))?,
         };
+        if storage.orphan_grace < Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "STORAGE_ORPHAN_GRACE",
+                "must be at least 1m, so an upload about to be committed is never taken for an orphan",
+            ));
+        }
         if let StorageBackend::S3(s3) = &storage.backend
             && (s3.part_size as u64).saturating_mul(10_000) < storage.max_bytes
         {
@@ -344,6 +391,43 @@ impl Config {
             return Err(ConfigError::new(
                 "S3_ACCESS_KEY_ID",
                 "set both S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY, or neither",
+            ));
+        }
+        let telegram = TelegramConfig {
+            bot_token: src.secret("TELEGRAM_BOT_TOKEN")?,
+            webhook_secret: src.secret("TELEGRAM_WEBHOOK_SECRET")?,
+            api_base: src
+                .plain("TELEGRAM_API_BASE")
+                .map(|base| base.trim_end_matches('/').to_owned())
+                .unwrap_or_else(|| "https://api.telegram.org".into()),
+            chat_per_minute: src.number("TELEGRAM_CHAT_RATE", 20, 1..=6000)?,
+            chat_burst: src.number("TELEGRAM_CHAT_BURST", 5, 1..=1000)?,
+            global_per_second: src.number("TELEGRAM_GLOBAL_RATE", 50, 1..=100_000)?,
+        };
+        if telegram.bot_token.is_some() && telegram.webhook_secret.is_none() {
+            return Err(ConfigError::new(
+                "TELEGRAM_WEBHOOK_SECRET",
+                "is required with TELEGRAM_BOT_TOKEN (Telegram sends it with every update)",
+            ));
+        }
+        if let Some(secret) = &telegram.webhook_secret {
+            let s = secret.expose();
+            if !(1..=256).contains(&s.len())
+                || !s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ConfigError::new(
+                    "TELEGRAM_WEBHOOK_SECRET",
+                    "must be 1-256 characters of A-Z, a-z, 0-9, _ and - (Telegram's rule)",
+                ));
+            }
+        }
+        if !(telegram.api_base.starts_with("https://") || telegram.api_base.starts_with("http://"))
+        {
+            return Err(ConfigError::new(
+                "TELEGRAM_API_BASE",
+                "must be an http:// or https:// URL",
             ));
         }
         let log_format = match src.plain("LOG_FORMAT").as_deref() {
@@ -366,6 +450,7 @@ impl Config {
             jobs,
             notifications,
             storage,
+            telegram,
             log_format,
         })
     }

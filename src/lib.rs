@@ -28,5 +28,7 @@ pub mod startup;
 pub mod state;
 /// Object storage: one trait, local-filesystem, S3-compatible and in-memory backends.
 pub mod storage;
+/// The Telegram bot: updates, commands, reply layout and the Bot API client.
+pub mod telegram;
 /// Logging and metrics setup.
 pub mod telemetry;

@@ -59,8 +59,11 @@ fn describe_metrics() {
     crate::http::router::describe_metrics();
     crate::db::describe_metrics();
     crate::events::describe_metrics();
+    crate::routes::webhooks::describe_metrics();
     crate::jobs::describe_metrics();
     crate::storage::metered::describe_metrics();
+    crate::jobs::storage_reconciliation::describe_metrics();
+    crate::routes::telegram::describe_metrics();
 }
 
 /// Histograms keep samples until upkeep folds them; run it in the background.

@@ -190,6 +190,37 @@ pub async fn record_processing(
     Ok(done.rows_affected() == 1)
 }
 
+/// An artifact row as storage reconciliation sees it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredPath {
+    pub storage_path: String,
+    pub key: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The tenant's rows whose `storage_path` sorts (bytewise) after `after` and up to `upto`
+/// (both ends open when `None`), in that order: the rows one page of a backend listing covers.
+#[tracing::instrument(skip_all)]
+pub async fn paths_between(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    after: Option<&str>,
+    upto: Option<&str>,
+) -> DbResult<Vec<StoredPath>> {
+    Ok(sqlx::query_as(
+        "select storage_path, key, updated_at from artifacts
+          where tenant_id = $1
+            and ($2::text is null or storage_path > $2 collate \"C\")
+            and ($3::text is null or storage_path <= $3 collate \"C\")
+          order by storage_path collate \"C\"",
+    )
+    .bind(tenant.as_uuid())
+    .bind(after)
+    .bind(upto)
+    .fetch_all(conn)
+    .await?)
+}
+
 /// `raw` with LIKE's wildcards and escape character taken literally.
 fn escape_like(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());

@@ -12,9 +12,11 @@ pub mod key_cache;
 pub mod policies;
 pub mod reflections;
 pub mod system_states;
+pub mod telegram;
 pub mod tenant;
 pub mod tenants;
 pub mod violations;
+pub mod webhook_sources;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -31,6 +31,17 @@ impl EventType {
     pub const CHANNEL_DELETED: &'static str = "notification_channel.deleted";
     pub const ARTIFACT_STORED: &'static str = "artifact.stored";
     pub const ARTIFACT_DELETED: &'static str = "artifact.deleted";
+    pub const WEBHOOK_SOURCE_CREATED: &'static str = "webhook_source.created";
+    pub const WEBHOOK_SOURCE_UPDATED: &'static str = "webhook_source.updated";
+    pub const WEBHOOK_SOURCE_DELETED: &'static str = "webhook_source.deleted";
+    pub const WEBHOOK_SOURCE_ROTATED: &'static str = "webhook_source.rotated";
+    pub const TELEGRAM_CHAT_LINKED: &'static str = "telegram.chat_linked";
+    pub const TELEGRAM_CHAT_UNLINKED: &'static str = "telegram.chat_unlinked";
+    pub const TELEGRAM_CHAT_DEACTIVATED: &'static str = "telegram.chat_deactivated";
+    pub const TELEGRAM_CHAT_MUTED: &'static str = "telegram.chat_muted";
+    pub const TELEGRAM_SUBSCRIBED: &'static str = "telegram.subscribed";
+    pub const TELEGRAM_UNSUBSCRIBED: &'static str = "telegram.unsubscribed";
+    pub const TELEGRAM_LINK_CODE_CREATED: &'static str = "telegram.link_code_created";
 
     /// Every type the platform itself appends (metrics label these by name).
     pub const PLATFORM: &'static [&'static str] = &[
@@ -54,6 +65,17 @@ impl EventType {
         Self::CHANNEL_DELETED,
         Self::ARTIFACT_STORED,
         Self::ARTIFACT_DELETED,
+        Self::WEBHOOK_SOURCE_CREATED,
+        Self::WEBHOOK_SOURCE_UPDATED,
+        Self::WEBHOOK_SOURCE_DELETED,
+        Self::WEBHOOK_SOURCE_ROTATED,
+        Self::TELEGRAM_CHAT_LINKED,
+        Self::TELEGRAM_CHAT_UNLINKED,
+        Self::TELEGRAM_CHAT_DEACTIVATED,
+        Self::TELEGRAM_CHAT_MUTED,
+        Self::TELEGRAM_SUBSCRIBED,
+        Self::TELEGRAM_UNSUBSCRIBED,
+        Self::TELEGRAM_LINK_CODE_CREATED,
     ];
 
     /// Accepts `[a-z0-9_]+(\.[a-z0-9_]+)*`, at most 100 characters.
@@ -85,6 +107,7 @@ impl EventType {
         "health",
         "notification_channel",
         "webhook",
+        "webhook_source",
         "telegram",
         "reset",
     ];

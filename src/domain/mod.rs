@@ -12,6 +12,7 @@ pub mod schedule;
 pub mod system;
 pub mod tenant;
 pub mod topic;
+pub mod webhook;
 
 /// PostgreSQL cannot store NUL in text or in JSON strings; refuse it where it enters.
 pub fn reject_nul(field: &'static str, value: &serde_json::Value) -> Result<(), ParseError> {

@@ -35,6 +35,15 @@ struct Problem<'a> {
 }
 
 impl ApiError {
+    /// What went wrong, as the problem's `detail` says it.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
         Self {
             status,

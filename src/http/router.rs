@@ -12,7 +12,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::routes::{
     api_keys, artifacts, episodes, events, health, jobs, metrics, notification_channels, policies,
-    reflections, systems, tenants,
+    reflections, systems, telegram, tenants, webhooks,
 };
 use crate::state::AppState;
 
@@ -47,6 +47,14 @@ pub fn build(state: AppState) -> Router {
                 .delete(policies::delete),
         )
         .route("/v1/artifacts", get(artifacts::list))
+        .route("/telegram/webhook", post(telegram::webhook))
+        .route("/v1/telegram/link-codes", post(telegram::create_link_code))
+        .route("/v1/telegram/chats", get(telegram::list_chats))
+        .route(
+            "/v1/telegram/chats/{chat_id}",
+            delete(telegram::delete_chat),
+        )
+        .route("/v1/notifications", get(telegram::list_notifications))
         .route("/v1/violations", get(reflections::violations))
         .route("/v1/reflections", get(reflections::list))
         .route("/v1/reflections/{id}", get(reflections::get))
@@ -60,6 +68,18 @@ pub fn build(state: AppState) -> Router {
                 .patch(notification_channels::update)
                 .delete(notification_channels::delete),
         )
+        .route(
+            "/v1/webhook-sources",
+            post(webhooks::create).get(webhooks::list),
+        )
+        .route(
+            "/v1/webhook-sources/{id}",
+            get(webhooks::get)
+                .patch(webhooks::update)
+                .delete(webhooks::delete),
+        )
+        .route("/v1/webhook-sources/{id}/rotate", post(webhooks::rotate))
+        .route("/v1/webhooks/{source}", post(webhooks::receive))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             state.config.http.request_timeout,

@@ -18,6 +18,8 @@ pub mod notification;
 pub mod policy_evaluation;
 pub mod pool;
 pub mod reflection;
+pub mod storage_reconciliation;
+pub mod telegram_update;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -68,6 +70,9 @@ pub trait Job: Serialize + DeserializeOwned + Send + 'static {
 pub struct JobError {
     pub message: String,
     pub permanent: bool,
+    /// When the next attempt may run, if the failure said (a `Retry-After`); else the kind's
+    /// backoff decides.
+    pub retry_in: Option<Duration>,
 }
 
 impl JobError {
@@ -75,6 +80,16 @@ impl JobError {
         Self {
             message: message.into(),
             permanent: false,
+            retry_in: None,
+        }
+    }
+
+    /// A retryable failure whose next attempt should wait `wait` (what the other side asked for).
+    pub fn retry_in(message: impl Into<String>, wait: Duration) -> Self {
+        Self {
+            message: message.into(),
+            permanent: false,
+            retry_in: Some(wait),
         }
     }
 
@@ -82,6 +97,7 @@ impl JobError {
         Self {
             message: message.into(),
             permanent: true,
+            retry_in: None,
         }
     }
 }
@@ -231,6 +247,10 @@ pub struct Services {
     pub notifications: NotificationsConfig,
     /// The artifact storage (the process's own; in-memory until the process sets it).
     pub storage: Arc<dyn crate::storage::Storage>,
+    /// How old an object no artifact names must be before `storage_reconciliation` deletes it.
+    pub orphan_grace: Duration,
+    /// The Telegram bot: commands in, messages out.
+    pub telegram: telegram_update::Bot,
 }
 
 impl Services {
@@ -248,10 +268,15 @@ impl Services {
                 reqwest::Client::new()
             });
         Self {
+            telegram: telegram_update::Bot::new(
+                crate::config::TelegramConfig::default(),
+                http.clone(),
+            ),
             http,
             analyzer: Arc::new(TextAnalyzer),
             notifications,
             storage: Arc::new(crate::storage::memory::MemoryStorage::new()),
+            orphan_grace: Duration::from_secs(3600),
         }
     }
 }
@@ -311,8 +336,15 @@ impl Registry {
 
     /// The platform's own kinds and schedules, as `serve` and `worker` run them.
     pub fn platform(config: &crate::config::Config) -> Self {
+        let services = Services::new(config.notifications.clone());
+        let telegram = telegram_update::Bot::new(config.telegram.clone(), services.http.clone());
         let mut registry = Self::new()
-            .with_services(Services::new(config.notifications.clone()))
+            .with_services(Services {
+                orphan_grace: config.storage.orphan_grace,
+                telegram,
+                ..services
+            })
+            .register::<telegram_update::TelegramUpdate>()
             .register::<episode_analysis::EpisodeAnalysis>()
             .register::<policy_evaluation::PolicyEvaluation>()
             .register::<notification::Notification>()
@@ -326,6 +358,10 @@ impl Registry {
         }
         if let Some(expr) = &cron.weekly_review {
             registry = registry.schedule::<reflection::WeeklyReview>(expr.clone());
+        }
+        if let Some(expr) = &cron.storage_reconciliation {
+            registry =
+                registry.schedule::<storage_reconciliation::StorageReconciliation>(expr.clone());
         }
         registry
     }

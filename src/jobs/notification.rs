@@ -1,4 +1,5 @@
-//! `notification`: delivers one event to one of the tenant's notification channels, with retries.
+//! `notification`: delivers one event to one of the tenant's notification channels, or one
+//! message to a Telegram chat, with retries.
 //!
 //! A webhook delivery is an HTTP POST of JSON:
 //! `{"id": <delivery id>, "channel_id", "tenant_id", "event": {"id", "type", "occurred_at", "data"}}`
@@ -7,6 +8,14 @@
 //! drop repeats) and `X-Cybernetic-Event` (the event type). Any 2xx is delivered. `410 Gone` stops
 //! the delivery at once; any other answer, a timeout or a connection failure is retried with
 //! backoff until its attempts run out. Redirects are not followed.
+//!
+//! A Telegram message (a command's reply, or an alert for a subscribed event, enqueued by the
+//! `telegram_alerts` trigger as the event is appended) is sent with `sendMessage` in as many parts
+//! as Telegram's length limit needs. Each part delivered is recorded on the tenant's
+//! `notifications` row at once, so a retry resumes after it instead of sending it twice. A 429
+//! waits the `retry_after` Telegram gives; a 403 (the bot was blocked, or removed from the group)
+//! marks the chat inactive and fails the delivery for good, as does any other 4xx; 5xx and network
+//! failures are retried with backoff.
 
 use std::time::Duration;
 
@@ -26,9 +35,26 @@ use crate::domain::tenant::TenantId;
 const ERROR_BODY_CHARS: usize = 200;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Notification {
-    pub channel_id: Uuid,
-    pub event: Event,
+#[serde(untagged)]
+pub enum Notification {
+    /// An event to one of the tenant's channels.
+    Channel { channel_id: Uuid, event: Event },
+    /// A message to a Telegram chat.
+    Chat(ChatMessage),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub chat_id: i64,
+    /// The tenant's record of the message (`None` for a reply to a chat no tenant has linked).
+    #[serde(default)]
+    pub notification_id: Option<Uuid>,
+    /// The message's parts, laid out already (a reply).
+    #[serde(default)]
+    pub parts: Vec<String>,
+    /// The event to show (an alert): read and laid out when sent.
+    #[serde(default)]
+    pub event_position: Option<i64>,
 }
 
 impl Job for Notification {
@@ -44,22 +70,35 @@ impl Job for Notification {
     }
 
     async fn run(self, ctx: JobContext) -> Result<Value, JobError> {
-        let tenant = ctx.tenant()?;
-        let mut tx = scope::begin(ctx.db.primary(), tenant).await?;
-        let target = channels::target(&mut tx, tenant, self.channel_id).await?;
-        scope::end_read(tx);
-        let Some(target) = target else {
-            return Ok(json!({"skipped": "the channel was deleted"}));
-        };
-        if !target.active {
-            return Ok(json!({"skipped": "the channel is inactive"}));
+        match self {
+            Self::Channel { channel_id, event } => {
+                deliver_to_channel(&ctx, channel_id, &event).await
+            }
+            Self::Chat(message) => super::telegram_update::deliver(&ctx, message).await,
         }
-        match target.kind.as_str() {
-            "webhook" => deliver_webhook(&ctx, tenant, &target, &self).await,
-            other => Err(JobError::permanent(format!(
-                "channel kind {other} is not delivered by this version"
-            ))),
-        }
+    }
+}
+
+async fn deliver_to_channel(
+    ctx: &JobContext,
+    channel_id: Uuid,
+    event: &Event,
+) -> Result<Value, JobError> {
+    let tenant = ctx.tenant()?;
+    let mut tx = scope::begin(ctx.db.primary(), tenant).await?;
+    let target = channels::target(&mut tx, tenant, channel_id).await?;
+    scope::end_read(tx);
+    let Some(target) = target else {
+        return Ok(json!({"skipped": "the channel was deleted"}));
+    };
+    if !target.active {
+        return Ok(json!({"skipped": "the channel is inactive"}));
+    }
+    match target.kind.as_str() {
+        "webhook" => deliver_webhook(ctx, tenant, &target, event).await,
+        other => Err(JobError::permanent(format!(
+            "channel kind {other} is not delivered by this version"
+        ))),
     }
 }
 
@@ -67,7 +106,7 @@ async fn deliver_webhook(
     ctx: &JobContext,
     tenant: TenantId,
     target: &Target,
-    notification: &Notification,
+    event: &Event,
 ) -> Result<Value, JobError> {
     let services = &ctx.services;
     let raw_url = target
@@ -81,7 +120,6 @@ async fn deliver_webhook(
         .secret
         .as_deref()
         .ok_or_else(|| JobError::permanent("the webhook channel has no secret"))?;
-    let event = &notification.event;
     let body = serde_json::to_vec(&json!({
         "id": ctx.id,
         "channel_id": target.id,
@@ -138,8 +176,9 @@ async fn deliver_webhook(
     }
 }
 
-/// A reqwest error's text without the URL, which may carry a token in its query.
-fn without_url(e: &reqwest::Error) -> String {
+/// A reqwest error's text without the URL, which may carry a token (in its query, or in a Bot
+/// API path).
+pub(crate) fn without_url(e: &reqwest::Error) -> String {
     let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
     let mut parts = Vec::new();
     while let Some(s) = source {

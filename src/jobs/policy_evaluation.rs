@@ -178,7 +178,7 @@ async fn notify(
         .map_err(|e| JobError::permanent(e.to_string()))?;
     for channel in crate::db::channels::accepting(conn, tenant, severity).await? {
         let key = format!("notify:{channel}:{}", event.id);
-        let job = Notification {
+        let job = Notification::Channel {
             channel_id: channel,
             event: event.clone(),
         };

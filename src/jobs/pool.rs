@@ -306,7 +306,7 @@ impl Inner {
         }
         metrics::counter!("jobs_finished_total", "kind" => kind, "outcome" => "retried")
             .increment(1);
-        let wait = backoff.unwrap_or_else(|| {
+        let wait = error.retry_in.or(backoff).unwrap_or_else(|| {
             super::backoff::exponential(
                 job.attempt,
                 Duration::from_secs(2),

@@ -29,34 +29,59 @@ pub struct CreateEpisode {
     content: String,
 }
 
+/// An episode's title and content, checked: what every way of recording one accepts.
+pub struct NewEpisode {
+    title: Name,
+    content: String,
+}
+
+impl NewEpisode {
+    pub fn parse(title: &str, content: String) -> Result<Self, ParseError> {
+        let title = Name::parse("title", title)?;
+        if content.contains('\0') {
+            return Err(ParseError::new(
+                "content",
+                "must not contain NUL characters",
+            ));
+        }
+        if content.chars().count() > MAX_CONTENT_CHARS {
+            return Err(ParseError::new(
+                "content",
+                "must be at most 100000 characters",
+            ));
+        }
+        Ok(Self { title, content })
+    }
+}
+
+/// Records the episode in the caller's tenant transaction, with its analysis job and its
+/// `episode.created` event (handed to the bus by the caller after the commit). Every way of
+/// recording an episode (the API, the Telegram bot, signed webhooks) goes through here.
+pub async fn record(
+    tx: &mut sqlx::PgConnection,
+    tenant: crate::domain::tenant::TenantId,
+    new: &NewEpisode,
+) -> Result<(Episode, crate::db::events::Event), ApiError> {
+    let episode = episodes::create(&mut *tx, tenant, new.title.as_str(), &new.content).await?;
+    // Analysed in the background; the job commits with the episode or not at all.
+    let analysis = EpisodeAnalysis {
+        episode_id: episode.id,
+    };
+    jobs::enqueue(&mut *tx, tenant, &analysis, Enqueue::default()).await?;
+    let event_type = EventType::platform(EventType::EPISODE_CREATED);
+    let event = events::append(&mut *tx, tenant, &event_type, &event_data(&episode)).await?;
+    Ok((episode, event))
+}
+
 #[tracing::instrument(skip_all)]
 pub async fn create(
     auth: TenantAuth<Operator>,
     State(state): State<AppState>,
     AppJson(body): AppJson<CreateEpisode>,
 ) -> Result<(StatusCode, Json<Episode>), ApiError> {
-    let title = Name::parse("title", &body.title).map_err(ApiError::validation)?;
-    if body.content.contains('\0') {
-        return Err(ApiError::validation(ParseError::new(
-            "content",
-            "must not contain NUL characters",
-        )));
-    }
-    if body.content.chars().count() > MAX_CONTENT_CHARS {
-        return Err(ApiError::validation(ParseError::new(
-            "content",
-            "must be at most 100000 characters",
-        )));
-    }
+    let new = NewEpisode::parse(&body.title, body.content).map_err(ApiError::validation)?;
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
-    let episode = episodes::create(&mut tx, auth.tenant_id, title.as_str(), &body.content).await?;
-    // Analysed in the background; the job commits with the episode or not at all.
-    let analysis = EpisodeAnalysis {
-        episode_id: episode.id,
-    };
-    jobs::enqueue(&mut tx, auth.tenant_id, &analysis, Enqueue::default()).await?;
-    let event_type = EventType::platform(EventType::EPISODE_CREATED);
-    let event = events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&episode)).await?;
+    let (episode, event) = record(&mut tx, auth.tenant_id, &new).await?;
     tx.commit().await?;
     state.events.committed(std::slice::from_ref(&event)).await;
     Ok((StatusCode::CREATED, Json(episode)))

@@ -131,7 +131,39 @@ async fn change<R>(
     apply: Transition,
 ) -> Result<Json<JobView>, ApiError> {
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
-    let job = match apply(&mut tx, auth.tenant_id, id).await? {
+    let (job, event) = apply_change(&mut tx, auth.tenant_id, id, event_type, verb, apply).await?;
+    tx.commit().await.map_err(crate::db::DbError::from)?;
+    state.events.committed(std::slice::from_ref(&event)).await;
+    Ok(Json(job))
+}
+
+/// Makes a dead or cancelled job available again, with its `job.retrying` event, in the caller's
+/// tenant transaction: what `POST /v1/jobs/{id}/retry` and the bot's `/retry` do.
+pub async fn retry_in(
+    tx: &mut sqlx::PgConnection,
+    tenant: crate::domain::tenant::TenantId,
+    id: Uuid,
+) -> Result<(JobView, crate::db::events::Event), ApiError> {
+    apply_change(
+        tx,
+        tenant,
+        id,
+        EventType::JOB_RETRYING,
+        "retried",
+        |tx, t, id| Box::pin(jobs::retry(tx, t, id)),
+    )
+    .await
+}
+
+async fn apply_change(
+    tx: &mut sqlx::PgConnection,
+    tenant: crate::domain::tenant::TenantId,
+    id: Uuid,
+    event_type: &'static str,
+    verb: &str,
+    apply: Transition,
+) -> Result<(JobView, crate::db::events::Event), ApiError> {
+    let job = match apply(&mut *tx, tenant, id).await? {
         None => return Err(ApiError::not_found("job")),
         Some(Err(current)) => {
             return Err(ApiError::conflict(format!(
@@ -148,14 +180,6 @@ async fn change<R>(
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
     });
-    let event = events::append(
-        &mut tx,
-        auth.tenant_id,
-        &EventType::platform(event_type),
-        &data,
-    )
-    .await?;
-    tx.commit().await.map_err(crate::db::DbError::from)?;
-    state.events.committed(std::slice::from_ref(&event)).await;
-    Ok(Json(job))
+    let event = events::append(&mut *tx, tenant, &EventType::platform(event_type), &data).await?;
+    Ok((job, event))
 }

@@ -11,7 +11,9 @@ pub mod notification_channels;
 pub mod policies;
 pub mod reflections;
 pub mod systems;
+pub mod telegram;
 pub mod tenants;
+pub mod webhooks;
 
 use serde::{Deserialize, Serialize};
 

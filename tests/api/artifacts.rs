@@ -613,3 +613,132 @@ async fn a_corrupted_object_fails_its_verification_for_good() {
     assert_eq!(listed["items"][0]["checksum_verified_at"], Value::Null);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Runs one `storage_reconciliation` for `tenant` against `root`, deleting orphans older than
+/// `grace`, and returns the job as `GET /v1/jobs` shows it.
+async fn reconcile(
+    app: &TestApp,
+    root: &std::path::Path,
+    tenant: &crate::helpers::Tenant,
+    grace: Duration,
+) -> Value {
+    use cybernetic::jobs::storage_reconciliation::StorageReconciliation;
+    let storage = cybernetic::storage::local::LocalStorage::open(root)
+        .await
+        .expect("open");
+    let registry = cybernetic::jobs::Registry::new()
+        .register::<StorageReconciliation>()
+        .with_services(cybernetic::jobs::Services {
+            orphan_grace: grace,
+            ..Default::default()
+        })
+        .with_storage(std::sync::Arc::new(storage));
+    let (pool, db) = crate::jobs::pool_running(&app.db_name, registry, crate::jobs::config());
+    let tenant_id =
+        cybernetic::domain::tenant::TenantId::from_uuid(tenant.id.parse().expect("tenant id"));
+    let job = StorageReconciliation(cybernetic::jobs::cron::Tick {
+        at: chrono::Utc::now(),
+        timezone: "UTC".into(),
+    });
+    let enqueued = cybernetic::jobs::enqueue_alone(&db, tenant_id, &job, Default::default())
+        .await
+        .expect("enqueue");
+    let ran = pool
+        .run_due(cybernetic::domain::job::Queue::Default, 10)
+        .await
+        .expect("run");
+    assert_eq!(ran.len(), 1);
+    expect_json(
+        app.get(&format!("/v1/jobs/{}", enqueued.id), &tenant.viewer)
+            .await,
+        StatusCode::OK,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn reconciliation_deletes_old_unreferenced_objects_and_reports_missing_ones() {
+    use cybernetic::storage::{Storage, StorageError, StoragePath, body_from};
+    let root =
+        std::env::temp_dir().join(format!("cyb-reconcile-{}", uuid::Uuid::new_v4().simple()));
+    let app = TestApp::spawn_with(
+        Options::default()
+            .env("STORAGE_BACKEND", "local")
+            .env("STORAGE_LOCAL_ROOT", root.to_str().expect("utf-8 path")),
+    )
+    .await;
+    let a = app.tenant("reconcile-a").await;
+    let b = app.tenant("reconcile-b").await;
+    for (t, key) in [(&a, "kept.bin"), (&b, "theirs.bin")] {
+        expect_json(
+            put(&app, &t.operator, key, pattern(2048)).await,
+            StatusCode::CREATED,
+        )
+        .await;
+    }
+    // What a crash between an upload and its commit leaves: objects no row names, one per tenant.
+    let storage = cybernetic::storage::local::LocalStorage::open(&root)
+        .await
+        .expect("open");
+    let orphan = |t: &crate::helpers::Tenant| {
+        StoragePath::raw(&format!(
+            "tenants/{}/{}",
+            t.id,
+            uuid::Uuid::now_v7().simple()
+        ))
+    };
+    let (orphan_a, orphan_b) = (orphan(&a), orphan(&b));
+    for path in [&orphan_a, &orphan_b] {
+        storage
+            .put(path, body_from(pattern(100)), Default::default())
+            .await
+            .expect("put orphan");
+    }
+
+    // Within the grace period an orphan may be an upload about to be committed: kept.
+    let job = reconcile(&app, &root, &a, Duration::from_secs(3600)).await;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["result"]["objects_checked"], 2, "{job}");
+    assert_eq!(job["result"]["orphans_in_grace"], 1, "{job}");
+    assert_eq!(job["result"]["orphans_deleted"], 0, "{job}");
+    storage.head(&orphan_a).await.expect("orphan kept in grace");
+
+    // Past the grace period it goes; the artifact and the other tenant's objects stay.
+    let job = reconcile(&app, &root, &a, Duration::ZERO).await;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["result"]["orphans_deleted"], 1, "{job}");
+    assert!(matches!(
+        storage.head(&orphan_a).await,
+        Err(StorageError::NotFound)
+    ));
+    storage
+        .head(&orphan_b)
+        .await
+        .expect("another tenant's object untouched");
+    let res = app.get("/v1/artifacts/kept.bin", &a.viewer).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.bytes().await.expect("body").to_vec(), pattern(2048));
+
+    // An object deleted behind the platform's back: its artifact is reported, not deleted.
+    let prefix = StoragePath::raw(&format!("tenants/{}/", a.id));
+    let listed = storage.list(&prefix, None, 10).await.expect("list");
+    assert_eq!(listed.items.len(), 1);
+    storage
+        .delete(&StoragePath::raw(&listed.items[0].path))
+        .await
+        .expect("delete");
+    let job = reconcile(&app, &root, &a, Duration::ZERO).await;
+    assert_eq!(job["state"], "dead", "{job}");
+    assert!(
+        job["last_error"].as_str().is_some_and(
+            |e| e.starts_with("1 artifact(s) have no object") && e.contains("kept.bin")
+        ),
+        "{job}"
+    );
+    let listed = expect_json(app.get("/v1/artifacts", &a.viewer).await, StatusCode::OK).await;
+    assert_eq!(
+        listed["items"][0]["key"], "kept.bin",
+        "the row is kept for the operator"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

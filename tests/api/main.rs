@@ -16,5 +16,7 @@ mod resources;
 mod storage;
 mod streams;
 mod systems;
+mod telegram;
 mod tls;
+mod webhooks;
 mod workers;

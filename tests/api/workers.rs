@@ -660,10 +660,11 @@ async fn a_daily_reflection_summarises_the_tenants_day_on_its_own_clock() {
         jobs_of(&app, &utc.viewer, "daily_reflection").await.len(),
         1
     );
-    // 24 hourly snapshots and one reflection for each tenant (a weekly review only on Fridays).
+    // 24 hourly snapshots, 24 hourly storage reconciliations and one reflection for each tenant
+    // (a weekly review only on Fridays).
     let weekly = jobs_of(&app, &k.viewer, "weekly_review").await.len()
         + jobs_of(&app, &utc.viewer, "weekly_review").await.len();
-    assert_eq!(created, 2 * (24 + 1) + weekly as u64);
+    assert_eq!(created, 2 * (24 + 24 + 1) + weekly as u64);
     // Running the analysis queue takes the reflections (and the episode's analysis).
     pool.run_due(Queue::Analysis, 10).await.expect("run");
     let listed = expect_json(
@@ -710,9 +711,10 @@ async fn a_daily_reflection_summarises_the_tenants_day_on_its_own_clock() {
     )
     .await;
 
-    // Hourly health: one snapshot per tenant per tick.
-    let ran = pool.run_due(Queue::Default, 100).await.expect("run");
-    assert_eq!(ran.len(), 48);
+    // Hourly health (and storage reconciliation, on the same queue): one snapshot per tenant per
+    // tick.
+    let ran = pool.run_due(Queue::Default, 200).await.expect("run");
+    assert_eq!(ran.len(), 2 * 48);
     let snapshots = events_of(&app, &k.viewer, "health.snapshot").await;
     assert_eq!(snapshots.len(), 24);
     let last = &snapshots[23]["data"];
