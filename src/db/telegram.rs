@@ -324,6 +324,22 @@ pub async fn take_token(
     })
 }
 
+/// Forgets the limit state of up to `batch` chats whose allowance is full again (an absent row
+/// means the same); returns how many.
+#[tracing::instrument(skip_all)]
+pub async fn prune_limits(pool: &PgPool, batch: i32) -> DbResult<u64> {
+    let done = sqlx::query(
+        "delete from telegram_chat_limits
+          where chat_id in (select chat_id from telegram_chat_limits
+                             where tat < now() - interval '1 minute'
+                             limit $1)",
+    )
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Enqueues a platform job (no tenant) of a kind that needs one; `false` when the key was used.
 #[tracing::instrument(skip_all)]
 pub async fn enqueue_platform(

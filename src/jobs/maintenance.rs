@@ -1,5 +1,6 @@
 //! Upkeep every pool runs: finished jobs pruned in batches (completed ones after `JOB_RETENTION`,
-//! dead and cancelled ones after 30 days), and the `jobs{queue,state}` gauge refreshed.
+//! dead and cancelled ones after 30 days), Telegram chats' rate-limit state dropped once it has
+//! run out, and the `jobs{queue,state}` gauge refreshed.
 
 use std::time::Duration;
 
@@ -35,6 +36,9 @@ pub fn spawn(db: Db, retention: Duration, shutdown: CancellationToken) {
                 _ = prune_tick.tick() => {
                     if let Err(e) = prune(&db, retention, FAILED_RETENTION, &shutdown).await {
                         tracing::warn!(error = %e, "job retention failed; retrying next interval");
+                    }
+                    if let Err(e) = crate::db::telegram::prune_limits(db.primary(), PRUNE_BATCH).await {
+                        tracing::debug!(error = %e, "pruning chat limits failed; retrying next interval");
                     }
                 }
                 _ = count_tick.tick() => {

@@ -733,6 +733,23 @@ pub(super) async fn deliver(ctx: &JobContext, message: ChatMessage) -> Result<Va
         Some(position) => {
             let tenant = ctx.tenant()?;
             let mut tx = scope::begin(ctx.db.primary(), tenant).await?;
+            let chat = store::get_chat(&mut tx, tenant, message.chat_id).await?;
+            // Unlinked, blocked or muted since the alert was queued: it is not sent.
+            let gone = match &chat {
+                None => Some("the chat was unlinked"),
+                Some(c) if !c.active => Some("the chat is inactive"),
+                Some(c) if c.muted_until.is_some_and(|u| u > Utc::now()) => {
+                    Some("the chat is muted")
+                }
+                Some(_) => None,
+            };
+            if let Some(reason) = gone {
+                if let Some((tenant, id)) = record {
+                    store::record_attempt(&mut tx, tenant, id, "failed", Some(reason)).await?;
+                    tx.commit().await.map_err(DbError::from)?;
+                }
+                return Ok(json!({"skipped": reason}));
+            }
             let event = store::event_at(&mut tx, tenant, position).await?;
             scope::end_read(tx);
             match event {
