@@ -46,6 +46,16 @@ pub enum Command {
     Telegram(TelegramCommand),
     /// Load and validate the configuration, print it with secrets redacted, and exit.
     CheckConfig,
+    /// Exit 0 when this process's /health/ready answers 200 (a container HEALTHCHECK that needs no
+    /// curl), 1 otherwise.
+    Healthcheck {
+        /// What to ask; by default /health/ready on LISTEN_ADDR (a wildcard address as loopback).
+        #[arg(long)]
+        url: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +142,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             db::migrate(config.migration_database_url()?).await?;
             println!("migrations applied");
         }
+        Command::Healthcheck { url, timeout } => healthcheck(&config, url, timeout).await?,
         Command::CheckConfig => {
             config.database_url()?;
             println!("{config:#?}");
@@ -146,6 +157,36 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 
 fn connect(config: &Config) -> anyhow::Result<Db> {
     Ok(Db::connect_lazy(config.database_url()?, &config.database)?)
+}
+
+async fn healthcheck(
+    config: &Config,
+    url: Option<String>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let url = url.unwrap_or_else(|| {
+        let mut addr = config.http.listen_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("http://{addr}/health/ready")
+    });
+    let status = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {}", crate::jobs::notification::without_url(&e)))?
+        .status();
+    if !status.is_success() {
+        anyhow::bail!("{url} answered {status}");
+    }
+    println!("{url}: {status}");
+    Ok(())
 }
 
 async fn telegram(cmd: TelegramCommand, config: &Config) -> anyhow::Result<()> {

@@ -256,6 +256,20 @@ pub async fn deactivate(
     Ok(done.rows_affected() == 1)
 }
 
+/// Marks an inactive chat active again; `false` when it was active already.
+#[tracing::instrument(skip_all)]
+pub async fn reactivate(conn: &mut PgConnection, tenant: TenantId, chat_id: i64) -> DbResult<bool> {
+    let done = sqlx::query(
+        "update telegram_chats set active = true, deactivated_reason = null
+          where tenant_id = $1 and chat_id = $2 and not active",
+    )
+    .bind(tenant.as_uuid())
+    .bind(chat_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Adds the pattern to the chat's subscriptions; `false` when it was there already.
 #[tracing::instrument(skip_all)]
 pub async fn subscribe(

@@ -38,6 +38,7 @@ impl EventType {
     pub const TELEGRAM_CHAT_LINKED: &'static str = "telegram.chat_linked";
     pub const TELEGRAM_CHAT_UNLINKED: &'static str = "telegram.chat_unlinked";
     pub const TELEGRAM_CHAT_DEACTIVATED: &'static str = "telegram.chat_deactivated";
+    pub const TELEGRAM_CHAT_REACTIVATED: &'static str = "telegram.chat_reactivated";
     pub const TELEGRAM_CHAT_MUTED: &'static str = "telegram.chat_muted";
     pub const TELEGRAM_SUBSCRIBED: &'static str = "telegram.subscribed";
     pub const TELEGRAM_UNSUBSCRIBED: &'static str = "telegram.unsubscribed";
@@ -72,6 +73,7 @@ impl EventType {
         Self::TELEGRAM_CHAT_LINKED,
         Self::TELEGRAM_CHAT_UNLINKED,
         Self::TELEGRAM_CHAT_DEACTIVATED,
+        Self::TELEGRAM_CHAT_REACTIVATED,
         Self::TELEGRAM_CHAT_MUTED,
         Self::TELEGRAM_SUBSCRIBED,
         Self::TELEGRAM_UNSUBSCRIBED,

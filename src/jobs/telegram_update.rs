@@ -123,6 +123,9 @@ impl Job for TelegramUpdate {
         metrics::counter!("telegram_commands_total", "command" => label).increment(1);
 
         let link = store::chat_tenant(pool, chat.id).await?;
+        if let Some((tenant, false)) = link {
+            self.reactivate(&ctx, tenant).await?;
+        }
         let command = match parsed {
             Parsed::Command(command) => command,
             Parsed::NotACommand => {
@@ -356,6 +359,26 @@ impl TelegramUpdate {
         self.commit(ctx, tx, tenant, done, "linked").await
     }
 
+    /// The chat writes again, so the bot can reach it again (a user who blocked the bot has to
+    /// unblock it to send anything): alerts resume.
+    async fn reactivate(&self, ctx: &JobContext, tenant: TenantId) -> Result<(), JobError> {
+        let mut tx = scope::begin(ctx.db.primary(), tenant).await?;
+        let chat_id = self.message.chat.id;
+        if !store::reactivate(&mut tx, tenant, chat_id).await? {
+            return Ok(());
+        }
+        let event = append(
+            &mut tx,
+            tenant,
+            EventType::TELEGRAM_CHAT_REACTIVATED,
+            json!({"chat_id": chat_id}),
+        )
+        .await?;
+        tx.commit().await.map_err(DbError::from)?;
+        ctx.events.committed(std::slice::from_ref(&event)).await;
+        Ok(())
+    }
+
     async fn run_linked(
         &self,
         ctx: &JobContext,
@@ -411,9 +434,17 @@ impl TelegramUpdate {
                     Err(e) => Done::reply(Reply::text(format!("Not recorded: {e}"))),
                     Ok(new) => {
                         let (episode, event) =
-                            crate::routes::episodes::record(&mut tx, tenant, &new)
-                                .await
-                                .map_err(|e| JobError::retry(e.detail().to_owned()))?;
+                            match crate::routes::episodes::record(&mut tx, tenant, &new).await {
+                                Ok(done) => done,
+                                Err(e) if e.status().is_client_error() => {
+                                    let reply =
+                                        Reply::text(format!("Not recorded: {}", e.detail()));
+                                    return self
+                                        .commit(ctx, tx, tenant, Done::reply(reply), outcome)
+                                        .await;
+                                }
+                                Err(e) => return Err(JobError::retry(e.detail().to_owned())),
+                            };
                         let mut reply = Reply::new();
                         reply
                             .line(format!("Recorded episode “{}” ", episode.title))
@@ -707,8 +738,10 @@ fn whoami(name: &str, tenant: TenantId, chat: Option<&store::Chat>, from: Option
 pub(super) async fn deliver(ctx: &JobContext, message: ChatMessage) -> Result<Value, JobError> {
     let bot = &ctx.services.telegram;
     let Some(api) = &bot.api else {
-        return Err(JobError::permanent(
-            "no Telegram bot is configured (TELEGRAM_BOT_TOKEN)",
+        // Another process may have the token (a worker started without it): left for it, until
+        // the attempts run out.
+        return Err(JobError::retry(
+            "no Telegram bot is configured in this process (TELEGRAM_BOT_TOKEN)",
         ));
     };
     let tenant = ctx.tenant;
@@ -724,7 +757,8 @@ pub(super) async fn deliver(ctx: &JobContext, message: ChatMessage) -> Result<Va
         scope::end_read(tx);
         match row {
             None => return Ok(json!({"skipped": "the notification is gone"})),
-            Some(n) if n.status != "pending" => return Ok(json!({"skipped": n.status})),
+            // `failed` and run again: a retry someone asked for (`POST /v1/jobs/{id}/retry`).
+            Some(n) if n.status == "delivered" => return Ok(json!({"skipped": n.status})),
             Some(n) => sent = n.message_ids,
         }
     }

@@ -48,9 +48,12 @@ pub async fn webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let Some(secret) = &state.config.telegram.webhook_secret else {
-        return Err(ApiError::not_found(
-            "Telegram bot (TELEGRAM_BOT_TOKEN is not set)",
+    let telegram = &state.config.telegram;
+    let (Some(_), Some(secret)) = (&telegram.bot_token, &telegram.webhook_secret) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no Telegram bot is configured here (TELEGRAM_BOT_TOKEN and TELEGRAM_WEBHOOK_SECRET)",
         ));
     };
     let given = headers
@@ -64,7 +67,7 @@ pub async fn webhook(
         ));
     }
     let (update_id, message) = match update::parse(&body) {
-        Intake::Message { update_id, message } => (update_id, message),
+        Intake::Message { update_id, message } => (update_id, message.without_nul()),
         Intake::Ignored { update_id } => {
             counted("ignored");
             return Ok(Json(
@@ -181,7 +184,7 @@ pub async fn list_chats(
 
 fn chat_param(raw: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>().map_err(|_| {
-        ApiError::validation(ParseError::new(
+        ApiError::path(ParseError::new(
             "chat_id",
             "must be a Telegram chat id (an integer)",
         ))

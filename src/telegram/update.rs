@@ -44,6 +44,27 @@ pub struct Chat {
     pub username: Option<String>,
 }
 
+impl Message {
+    /// The message with NUL characters dropped from its text and names: PostgreSQL's `jsonb`
+    /// cannot hold them, and a Telegram client can send them.
+    pub fn without_nul(mut self) -> Self {
+        let clean = |s: &mut Option<String>| {
+            if let Some(s) = s {
+                s.retain(|c| c != '\0');
+            }
+        };
+        clean(&mut self.text);
+        self.chat.kind.retain(|c| c != '\0');
+        clean(&mut self.chat.title);
+        clean(&mut self.chat.username);
+        if let Some(user) = &mut self.from {
+            clean(&mut user.username);
+            clean(&mut user.first_name);
+        }
+        self
+    }
+}
+
 impl Chat {
     /// What to call the chat: its title, else `@username`, else its id.
     pub fn display_name(&self) -> String {

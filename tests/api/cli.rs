@@ -168,8 +168,52 @@ fn every_command_has_help() {
         &["api-key", "list", "--help"],
         &["api-key", "revoke", "--help"],
         &["check-config", "--help"],
+        &["healthcheck", "--help"],
+        &["telegram", "set-webhook", "--help"],
+        &["telegram", "info", "--help"],
+        &["worker", "--help"],
     ] {
         let text = stdout(&cybernetic(&[], args));
         assert!(text.contains("Usage:"), "{args:?}: {text}");
     }
+}
+
+#[tokio::test]
+async fn healthcheck_passes_only_while_the_server_is_ready() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let ready = format!("http://{}/health/ready", app.addr);
+    let out =
+        tokio::task::spawn_blocking(move || cybernetic(&[], &["healthcheck", "--url", &ready]))
+            .await
+            .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // LISTEN_ADDR on every interface is asked on loopback.
+    let listen = format!("0.0.0.0:{}", app.addr.port());
+    let out = tokio::task::spawn_blocking(move || {
+        cybernetic(&[("LISTEN_ADDR", listen.as_str())], &["healthcheck"])
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Nothing listening: a failure, quickly.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/health/ready", closed.local_addr().expect("addr"));
+    drop(closed);
+    let out = tokio::task::spawn_blocking(move || {
+        cybernetic(&[], &["healthcheck", "--url", &url, "--timeout", "1s"])
+    })
+    .await
+    .expect("join");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("health/ready"));
 }

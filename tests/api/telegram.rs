@@ -117,6 +117,10 @@ impl FakeBot {
         self.state.lock().expect("fake state").blocked.insert(chat);
     }
 
+    fn unblock(&self, chat: i64) {
+        self.state.lock().expect("fake state").blocked.remove(&chat);
+    }
+
     /// The texts sent to `chat` (every attempt, including refused ones).
     fn sent_to(&self, chat: i64) -> Vec<String> {
         self.state
@@ -474,6 +478,12 @@ async fn the_webhook_refuses_a_forged_secret_and_acknowledges_what_it_cannot_use
     .await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(jobs_of_kind(&app, "telegram_update").await, 0);
+
+    // A NUL (which PostgreSQL's jsonb cannot store) is dropped, not refused.
+    let res = post_update(&app, &update(6, 701, "/he\u{0}lp")).await;
+    let accepted = expect_json(res, StatusCode::OK).await;
+    assert_eq!(accepted["duplicate"], false);
+    bot.wait_for(701, "/subscribe").await;
     let metrics = app
         .client
         .get(app.url("/metrics"))
@@ -653,6 +663,26 @@ async fn a_429_is_waited_out_and_a_403_deactivates_the_chat() {
     )
     .await;
     assert_eq!(dead["items"][0]["attempts"], 1, "a 403 is not retried");
+
+    // The user unblocks the bot and writes again: the chat is active again.
+    bot.unblock(1001);
+    say(&app, 1001, "/whoami").await;
+    eventually(Duration::from_secs(20), "the chat active again", || async {
+        let chats = expect_json(
+            app.get("/v1/telegram/chats", &t.admin).await,
+            StatusCode::OK,
+        )
+        .await;
+        chats["items"][0]["active"] == true
+    })
+    .await;
+    expect_problem(
+        app.delete("/v1/telegram/chats/not-a-number", &t.admin)
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_path_parameter",
+    )
+    .await;
 }
 
 #[tokio::test]
