@@ -96,6 +96,7 @@ impl App {
         let storage = crate::storage::open(&config.storage.backend).await?;
         let state = AppState {
             storage,
+            telegram: crate::telegram::intake::Intake::start(db.clone()),
             keys: KeyCache::default(),
             events: EventBus::new(hub, broker),
             metrics: Arc::new(MetricsEndpoint::new(

@@ -19,6 +19,8 @@ pub struct AppState {
     pub metrics: Arc<MetricsEndpoint>,
     /// Where artifacts' bytes are kept.
     pub storage: Arc<dyn crate::storage::Storage>,
+    /// The Telegram webhook's batching enqueue.
+    pub telegram: crate::telegram::intake::Intake,
     /// Cancelled when shutdown begins: readiness fails from that moment.
     pub shutdown: CancellationToken,
 }

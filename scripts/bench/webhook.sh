@@ -134,7 +134,7 @@ run() { # label, serve arguments...
   fresh_database
   start_server "$@"
   wrk -t2 -c"$connections" -d2s -s "$work/updates.lua" "http://$listen" >/dev/null # warm-up
-  psql "$superuser" -d "$db_name" -qAtX -c "delete from jobs" >/dev/null
+  psql "${superuser%/*}/$db_name" -qAtX -c "delete from jobs" >/dev/null
   echo "bench: $label, ${duration}s, $connections connections" >&2
   wrk -t2 -c"$connections" -d"${duration}s" --latency -s "$work/updates.lua" "http://$listen" \
     >"$work/wrk.txt"
@@ -148,7 +148,7 @@ run() { # label, serve arguments...
   p90=$(awk '$1 == "90%" {print $2}' "$work/wrk.txt")
   p99=$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")
   non2xx=$(sed -n 's/^ *Non-2xx or 3xx responses: *\([0-9]*\).*/\1/p' "$work/wrk.txt")
-  jobs=$(psql "$superuser" -d "$db_name" -qAtX -c \
+  jobs=$(psql "${superuser%/*}/$db_name" -qAtX -c \
     "select count(*) from jobs where kind = 'telegram_update'")
   # wrk counts requests it sent whose answer was still in flight at the end as not done; every
   # answered one must be a job, and no update may be a job twice (the key is unique).

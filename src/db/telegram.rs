@@ -355,7 +355,6 @@ pub async fn prune_limits(pool: &PgPool, batch: i32) -> DbResult<u64> {
 }
 
 /// Enqueues a platform job (no tenant) of a kind that needs one; `false` when the key was used.
-#[tracing::instrument(skip_all)]
 pub async fn enqueue_platform(
     pool: &PgPool,
     kind: &str,
@@ -363,18 +362,57 @@ pub async fn enqueue_platform(
     args: &Value,
     max_attempts: i32,
     key: &str,
-) -> DbResult<(Uuid, bool)> {
-    Ok(
-        sqlx::query_as("select * from enqueue_platform_job($1, $2, $3, $4, $5, $6)")
-            .bind(Uuid::now_v7())
+) -> DbResult<(Option<Uuid>, bool)> {
+    let done = enqueue_platform_batch(
+        pool,
+        kind,
+        queue,
+        max_attempts,
+        &[(args.clone(), key.to_owned())],
+    )
+    .await?;
+    Ok(done.into_iter().next().unwrap_or((None, false)))
+}
+
+/// Enqueues platform jobs (`args`, key) of one kind in one statement; returns for each, in order,
+/// its job's id (`None` when another transaction took the key meanwhile) and whether it was
+/// created here. A key given twice is created once: the later ones answer `false`.
+#[tracing::instrument(skip_all, fields(jobs = jobs.len()))]
+pub async fn enqueue_platform_batch(
+    pool: &PgPool,
+    kind: &str,
+    queue: Queue,
+    max_attempts: i32,
+    jobs: &[(Value, String)],
+) -> DbResult<Vec<(Option<Uuid>, bool)>> {
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+    let args: Vec<&Value> = jobs.iter().map(|(a, _)| a).collect();
+    let keys: Vec<&str> = jobs.iter().map(|(_, k)| k.as_str()).collect();
+    let rows: Vec<(String, Option<Uuid>, bool)> =
+        sqlx::query_as("select * from enqueue_platform_jobs($1, $2, $3, $4, $5, $6)")
+            .bind(&ids)
             .bind(kind)
             .bind(queue.as_str())
-            .bind(args)
+            .bind(&args)
             .bind(max_attempts)
-            .bind(key)
-            .fetch_one(pool)
-            .await?,
-    )
+            .bind(&keys)
+            .fetch_all(pool)
+            .await?;
+    let mut found: std::collections::HashMap<String, (Option<Uuid>, bool)> = rows
+        .into_iter()
+        .map(|(k, id, created)| (k, (id, created)))
+        .collect();
+    Ok(keys
+        .iter()
+        .map(|k| {
+            let (id, created) = found.get(*k).copied().unwrap_or((None, false));
+            // Only the first of repeated keys counts as created.
+            if created {
+                found.insert((*k).to_owned(), (id, false));
+            }
+            (id, created)
+        })
+        .collect())
 }
 
 /// A message the platform sends to a chat, as the tenant sees it.

@@ -23,9 +23,9 @@ use crate::domain::ParseError;
 use crate::domain::event_type::EventType;
 use crate::http::error::ApiError;
 use crate::http::extract::{Admin, AppPath, AppQuery, TenantAuth, Viewer};
-use crate::jobs::Job;
 use crate::jobs::telegram_update::{TelegramUpdate, link_code_hash};
 use crate::state::AppState;
+use crate::telegram::intake::Enqueued;
 use crate::telegram::update::{self, Intake};
 
 use super::{Page, PageQuery};
@@ -81,22 +81,17 @@ pub async fn webhook(
         }
     };
     let job = TelegramUpdate { update_id, message };
-    let args = serde_json::to_value(&job).map_err(|e| ApiError::internal(&e))?;
-    let key = format!("telegram:update:{update_id}");
-    let enqueued = store::enqueue_platform(
-        state.db.primary(),
-        TelegramUpdate::KIND,
-        TelegramUpdate::QUEUE,
-        &args,
-        TelegramUpdate::MAX_ATTEMPTS,
-        &key,
-    )
-    .await;
-    let (_, created) = match enqueued {
-        Ok(done) => done,
+    let created = match state.telegram.submit(&job).await {
+        Ok(enqueued) => enqueued == Enqueued::Created,
         Err(e) => {
             counted("error");
-            return Err(e.into());
+            return Err(ApiError::unavailable(format!(
+                "the update was not stored ({e}); Telegram sends it again"
+            ))
+            .with_header(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            ));
         }
     };
     counted(if created { "accepted" } else { "duplicate" });

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod command;
 pub mod format;
+pub mod intake;
 pub mod update;
 
 pub use client::{BotApi, SendError};

@@ -548,6 +548,19 @@ async fn a_redelivered_update_runs_once_across_two_replicas() {
         .filter(|t| t.contains("Recorded episode"))
         .count();
     assert_eq!(recorded, 1);
+
+    // The same update delivered many times at once, to both replicas: batched together or not,
+    // one delivery creates the job and every other is told it is a duplicate.
+    let body = update(43_000, 801, "/whoami");
+    let posts = (0..12).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let body = body.clone();
+        async move { expect_json(post_update(app, &body).await, StatusCode::OK).await }
+    });
+    let answers = futures::future::join_all(posts).await;
+    let created = answers.iter().filter(|a| a["duplicate"] == false).count();
+    assert_eq!(created, 1, "{answers:?}");
+    bot.wait_for(801, "Organisation:").await;
 }
 
 #[tokio::test]
