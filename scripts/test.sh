@@ -141,5 +141,8 @@ trap - EXIT
 echo "promtool: metrics ok"
 psql "$PG_SUPERUSER_URL" -qX -c "drop database if exists $db" >/dev/null
 
+log "backup and restore (scripts/backup.sh, scripts/restore.sh)"
+bash scripts/test-backup.sh
+
 drop_idle_test_databases
 log "all checks passed"
