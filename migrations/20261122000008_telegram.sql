@@ -166,8 +166,7 @@ grant execute on function telegram_link_code_tenant(text) to cybernetic_app;
 -- one statement: updates whose chat is not known yet (the webhook intake gathers concurrent
 -- updates into one call, so a burst costs one commit instead of one per update), and replies to
 -- chats no tenant has linked. Each job's key makes a second enqueue a no-op (Telegram redelivers
--- updates). Returns, per key, the job's id and whether this call created it (the id is null for a
--- key another transaction took while this statement ran).
+-- updates). Returns a row per key: the job's id and whether this call created it.
 create function enqueue_platform_jobs(p_ids uuid[], p_kind text, p_queue text, p_args jsonb[],
                                       p_max_attempts integer, p_keys text[])
 returns table (job_key text, job_id uuid, job_created boolean)
@@ -180,20 +179,20 @@ begin
         raise exception 'kind % is not a platform kind', p_kind using errcode = '22023';
     end if;
     return query
-        with inserted as (
-            insert into public.jobs (id, tenant_id, kind, queue, args, max_attempts,
-                                     idempotency_key)
-            select i.id, null, p_kind, p_queue, i.args, p_max_attempts, i.key
-              from unnest(p_ids, p_args, p_keys) as i(id, args, key)
-            on conflict (tenant_id, idempotency_key) where idempotency_key is not null do nothing
-            returning jobs.id, jobs.idempotency_key
-        )
-        select k.key, coalesce(n.id, j.id), n.id is not null
-          from unnest(p_keys) as k(key)
-          left join inserted n on n.idempotency_key = k.key
-          left join public.jobs j
-            on n.id is null and j.tenant_id is null and j.idempotency_key = k.key;
-    perform pg_notify('cybernetic_jobs', p_queue);
+        insert into public.jobs (id, tenant_id, kind, queue, args, max_attempts, idempotency_key)
+        select i.id, null, p_kind, p_queue, i.args, p_max_attempts, i.key
+          from unnest(p_ids, p_args, p_keys) as i(id, args, key)
+        on conflict (tenant_id, idempotency_key) where idempotency_key is not null do nothing
+        returning jobs.idempotency_key, jobs.id, true;
+    if found then
+        perform pg_notify('cybernetic_jobs', p_queue);
+    end if;
+    -- The keys that were taken already (a new snapshot: it sees what other transactions
+    -- committed while the insert waited on them).
+    return query
+        select j.idempotency_key, j.id, false
+          from public.jobs j
+         where j.tenant_id is null and j.idempotency_key = any(p_keys) and j.id <> all(p_ids);
 end
 $$;
 revoke all on function enqueue_platform_jobs(uuid[], text, text, jsonb[], integer, text[]) from public;

@@ -375,8 +375,8 @@ pub async fn enqueue_platform(
 }
 
 /// Enqueues platform jobs (`args`, key) of one kind in one statement; returns for each, in order,
-/// its job's id (`None` when another transaction took the key meanwhile) and whether it was
-/// created here. A key given twice is created once: the later ones answer `false`.
+/// its job's id and whether it was created here. A key given twice is created once: the later
+/// ones answer `false`.
 #[tracing::instrument(skip_all, fields(jobs = jobs.len()))]
 pub async fn enqueue_platform_batch(
     pool: &PgPool,
