@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command (CI runs it through .ci/run). On a fresh machine it installs and starts
-# what the tests need, idempotently, then runs fmt, clippy (-D warnings), the whole test suite,
-# and promtool against a running server.
+# what the tests need, idempotently, then checks the deployment files, runs fmt, clippy
+# (-D warnings), the whole test suite, promtool against a running server, a backup and restore
+# round trip, and the end-to-end test through HAProxy on the local stack.
 #
 #   TEST_PG_HOST      PostgreSQL host:port for the tests (default 127.0.0.1:5432)
 #   PG_SUPERUSER_URL  superuser URL used to create roles and test databases
@@ -10,83 +11,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n==> %s\n' "$*"; }
 
 : "${TEST_PG_HOST:=127.0.0.1:5432}"
 : "${PG_SUPERUSER_URL:=postgres://postgres@${TEST_PG_HOST}/postgres}"
 export TEST_PG_HOST PG_SUPERUSER_URL
 
-# --- packages ---------------------------------------------------------------------------------
-need_pkgs=()
-command -v promtool >/dev/null || need_pkgs+=(prometheus)
-command -v psql >/dev/null || need_pkgs+=(postgresql-client)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  log "installing ${need_pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-fi
-
-# --- PostgreSQL -------------------------------------------------------------------------------
-if ! psql "$PG_SUPERUSER_URL" -qAtX -c 'select 1' >/dev/null 2>&1; then
-  log "starting PostgreSQL"
-  if command -v pg_ctlcluster >/dev/null; then
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start || true
-  fi
-  for _ in $(seq 1 60); do
-    psql "$PG_SUPERUSER_URL" -qAtX -c 'select 1' >/dev/null 2>&1 && break
-    sleep 0.5
-  done
-  psql "$PG_SUPERUSER_URL" -qAtX -c 'select 1' >/dev/null
-fi
-
-# --- RabbitMQ (the event fan-out tests) --------------------------------------------------------
-amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
-if ! amqp_up; then
-  if ! command -v rabbitmq-server >/dev/null; then
-    log "installing rabbitmq-server"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null
-  fi
-  log "starting RabbitMQ"
-  rabbitmq-server -detached >/dev/null 2>&1 || true
-  for _ in $(seq 1 120); do
-    amqp_up && break
-    sleep 0.5
-  done
-  amqp_up || { echo "RabbitMQ did not start on 127.0.0.1:5672" >&2; exit 1; }
-fi
-
-# --- S3-compatible server (the storage tests): moto, from PyPI, in its own virtualenv -----------
+. scripts/lib/services.sh
+ensure_pkgs promtool=prometheus psql=postgresql-client
+ensure_postgres "$PG_SUPERUSER_URL"
+ensure_rabbitmq                       # the event fan-out tests
 : "${TEST_S3_ENDPOINT:=http://127.0.0.1:5000}"
 export TEST_S3_ENDPOINT
-s3_hostport=${TEST_S3_ENDPOINT#*://}
-s3_hostport=${s3_hostport%%/*}
-s3_host=${s3_hostport%:*}
-s3_port=${s3_hostport##*:}
-[ "$s3_port" = "$s3_hostport" ] && s3_port=80
-s3_up() { (exec 3<>"/dev/tcp/$s3_host/$s3_port") 2>/dev/null; }
-if ! s3_up; then
-  moto_home=${MOTO_HOME:-/opt/moto}
-  if [ ! -x "$moto_home/bin/moto_server" ]; then
-    log "installing moto (a local S3-compatible server)"
-    if ! python3 -m venv "$moto_home" 2>/dev/null; then
-      export DEBIAN_FRONTEND=noninteractive
-      apt-get update -qq
-      apt-get install -y -qq --no-install-recommends python3-venv python3-pip >/dev/null
-      python3 -m venv "$moto_home"
-    fi
-    "$moto_home/bin/pip" install -q 'moto[server]'
-  fi
-  log "starting moto_server on port $s3_port"
-  nohup "$moto_home/bin/moto_server" -H "$s3_host" -p "$s3_port" >"${TMPDIR:-/tmp}/moto_server.log" 2>&1 &
-  for _ in $(seq 1 120); do
-    s3_up && break
-    sleep 0.5
-  done
-  s3_up || { echo "moto_server did not start on port $s3_port" >&2; exit 1; }
-fi
+ensure_s3 "$TEST_S3_ENDPOINT"         # the storage tests
 
 log "database roles"
 bash scripts/db-setup.sh
@@ -104,6 +40,9 @@ log "dropping idle databases left by earlier test runs"
 drop_idle_test_databases
 
 # --- checks -----------------------------------------------------------------------------------
+log "deployment files: compose (base, dev, prod), HAProxy and Prometheus configs"
+bash scripts/check-compose.sh
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -143,6 +82,9 @@ psql "$PG_SUPERUSER_URL" -qX -c "drop database if exists $db" >/dev/null
 
 log "backup and restore (scripts/backup.sh, scripts/restore.sh)"
 bash scripts/test-backup.sh
+
+log "end to end through HAProxy on the local stack (scripts/test-e2e.sh)"
+bash scripts/test-e2e.sh
 
 drop_idle_test_databases
 log "all checks passed"
