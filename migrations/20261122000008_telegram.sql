@@ -167,6 +167,10 @@ grant execute on function telegram_link_code_tenant(text) to cybernetic_app;
 -- updates into one call, so a burst costs one commit instead of one per update), and replies to
 -- chats no tenant has linked. Each job's key makes a second enqueue a no-op (Telegram redelivers
 -- updates). Returns a row per key: the job's id and whether this call created it.
+-- It sends no NOTIFY: PostgreSQL serialises the commits of notifying transactions (fsync and
+-- all), which would cap the intake at one commit at a time. The caller notifies the pool in a
+-- statement of its own once the batch is committed (a transaction without writes, which commits
+-- without waiting for the disk).
 create function enqueue_platform_jobs(p_ids uuid[], p_kind text, p_queue text, p_args jsonb[],
                                       p_max_attempts integer, p_keys text[])
 returns table (job_key text, job_id uuid, job_created boolean)
@@ -174,6 +178,8 @@ language plpgsql
 security definer
 set search_path = pg_catalog, public
 as $$
+declare
+    v_created integer;
 begin
     if p_kind not in ('telegram_update', 'notification') then
         raise exception 'kind % is not a platform kind', p_kind using errcode = '22023';
@@ -184,11 +190,12 @@ begin
           from unnest(p_ids, p_args, p_keys) as i(id, args, key)
         on conflict (tenant_id, idempotency_key) where idempotency_key is not null do nothing
         returning jobs.idempotency_key, jobs.id, true;
-    if found then
-        perform pg_notify('cybernetic_jobs', p_queue);
+    get diagnostics v_created = row_count;
+    if v_created = cardinality(p_keys) then
+        return;
     end if;
     -- The keys that were taken already (a new snapshot: it sees what other transactions
-    -- committed while the insert waited on them).
+    -- committed while the insert waited on them). Only looked up when there are some.
     return query
         select j.idempotency_key, j.id, false
           from public.jobs j

@@ -10,7 +10,7 @@
 #   scripts/bench/webhook.sh [--write]     --write records the results in docs/benchmarks.md
 #
 # Environment: BIN (a server binary instead of building target/release/cybernetic), DURATION
-# (seconds per run, default 15), CONNECTIONS (64), PG_SUPERUSER_URL, OWNER_PASSWORD,
+# (seconds per run, default 15), PG_SUPERUSER_URL, OWNER_PASSWORD,
 # APP_PASSWORD (as for scripts/db-setup.sh). Needs wrk, curl, psql, python3.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -25,7 +25,6 @@ for tool in wrk curl psql python3; do
 done
 
 duration=${DURATION:-15}
-connections=${CONNECTIONS:-64}
 db_name=cybernetic_webhookbench
 superuser=${PG_SUPERUSER_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 migration_url="postgres://cybernetic_owner:${OWNER_PASSWORD:-owner}@127.0.0.1:5432/${db_name}?sslmode=disable"
@@ -128,9 +127,9 @@ start_server() { # extra serve arguments...
 }
 
 results=$work/rows.md
-run() { # label, serve arguments...
-  local label=$1
-  shift
+run() { # label, connections, serve arguments...
+  local label=$1 connections=$2
+  shift 2
   fresh_database
   start_server "$@"
   wrk -t2 -c"$connections" -d2s -s "$work/updates.lua" "http://$listen" >/dev/null # warm-up
@@ -152,23 +151,24 @@ run() { # label, serve arguments...
     "select count(*) from jobs where kind = 'telegram_update'")
   # wrk counts requests it sent whose answer was still in flight at the end as not done; every
   # answered one must be a job, and no update may be a job twice (the key is unique).
-  printf '| %s | %.0f | %s | %s | %s | %s | %s |\n' "$label" "$rps" "$p50" "$p90" "$p99" \
+  printf '| %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$label" "$connections" "$rps" "$p50" "$p90" "$p99" \
     "${non2xx:-0}" "$jobs / $requests" >>"$results"
 }
 
 : >"$results"
-run "intake only (serve --no-workers)" --no-workers
-run "intake with the job pool running the commands" 
+run "intake only (serve --no-workers)" 32 --no-workers
+run "intake only (serve --no-workers)" 64 --no-workers
+run "intake with the job pool running the commands" 32
 
 section=$work/section.md
 {
   echo "### Telegram webhook intake (\`scripts/bench/webhook.sh\`)"
   echo
-  echo "$(date -u +%Y-%m-%d), $(nproc) cores, wrk -t2 -c$connections -d${duration}s, one \`serve\` on the local PostgreSQL;"
+  echo "$(date -u +%Y-%m-%d), $(nproc) cores (wrk, the server and PostgreSQL share them), wrk -t2 -d${duration}s, one \`serve\` on the local PostgreSQL;"
   echo "each request a distinct valid update (\`/help\` from one of 5000 private chats). Target: >= 5k updates/s, p99 < 50 ms."
   echo
-  echo "| run | updates/s | p50 | p90 | p99 | non-2xx | jobs / requests |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| run | connections | updates/s | p50 | p90 | p99 | non-2xx | jobs / requests |"
+  echo "|---|---|---|---|---|---|---|---|"
   cat "$results"
   echo
   echo "Command: \`scripts/bench/webhook.sh --write\`"

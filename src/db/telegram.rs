@@ -398,6 +398,21 @@ pub async fn enqueue_platform_batch(
             .bind(&keys)
             .fetch_all(pool)
             .await?;
+    if rows.iter().any(|(_, _, created)| *created) {
+        // After the commit, in a transaction of its own (see enqueue_platform_jobs) that does not
+        // wait for the disk: a NOTIFY gives its transaction an id, whose commit would otherwise
+        // be flushed, and notifying commits run one at a time. Best effort: the pool also polls,
+        // so a lost wake-up only delays pickup by the poll interval. (Both names are fixed
+        // identifiers: the channel a constant, the queue one of the enum's.)
+        let wake = format!(
+            "set local synchronous_commit = off; select pg_notify('{}', '{}')",
+            super::jobs::NOTIFY_CHANNEL,
+            queue.as_str()
+        );
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(wake)).execute(pool).await {
+            tracing::debug!(error = %e, "waking the job pool failed; it finds the jobs by polling");
+        }
+    }
     let mut found: std::collections::HashMap<String, (Option<Uuid>, bool)> = rows
         .into_iter()
         .map(|(k, id, created)| (k, (id, created)))
