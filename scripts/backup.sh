@@ -16,7 +16,8 @@
 #
 # Take it while the platform runs: pg_dump reads one consistent snapshot. Artifacts written while
 # the backup runs may be in the tar without their row (reconciliation removes them after a
-# restore) or have a row without bytes (the restore reports it; take the backup again).
+# restore) or have a row without bytes (the storage_reconciliation job reports it after the
+# restore, as a dead job naming the keys; take the backup again).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 die() { echo "backup: $*" >&2; exit 1; }
@@ -49,7 +50,7 @@ case $backend in
     fi
     ;;
   s3)
-    command -v mc >/dev/null || die "STORAGE_BACKEND=s3: install MinIO's mc to copy the bucket, or back it up with the object store's own tooling (versioning, replication)"
+    mc --version 2>/dev/null | grep -qi minio || die "STORAGE_BACKEND=s3: install MinIO's mc to copy the bucket, or back it up with the object store's own tooling (versioning, replication)"
     : "${S3_ENDPOINT:?S3_ENDPOINT is needed}" "${S3_BUCKET:?S3_BUCKET is needed}"
     export MC_HOST_cybernetic_backup
     MC_HOST_cybernetic_backup="$(printf '%s' "$S3_ENDPOINT" | sed 's#://#://'"$(secret S3_ACCESS_KEY_ID)"':'"$(secret S3_SECRET_ACCESS_KEY)"'@#')"

@@ -117,8 +117,25 @@ backend_states() {
 
 both_up() { [[ $(backend_states | grep -c ' UP$') == 2 ]]; }
 
+# free_or_ours NAME PORT...: the ports are free, unless NAME (one of ours) runs and holds them.
+free_or_ours() {
+  local name=$1 port
+  shift
+  running "$name" && return 0
+  for port in "$@"; do
+    if tcp_up 127.0.0.1 "$port"; then
+      die "port $port is in use by another process; stop it or choose other ports (see the header)"
+    fi
+  done
+}
+
 up() {
   mkdir -p "$dir"
+  free_or_ours app1 "$app1_port"
+  free_or_ours app2 "$app2_port"
+  free_or_ours worker "$worker_port"
+  free_or_ours haproxy "$http_port" "$https_port" "$stats_port"
+  free_or_ours prometheus "$prometheus_port"
   ensure_pkgs haproxy=haproxy prometheus=prometheus psql=postgresql-client openssl=openssl curl=curl
   ensure_postgres "$superuser"
   ensure_redis
@@ -202,5 +219,5 @@ case ${1:-} in
       *) die "restart-app takes 1 or 2" ;;
     esac
     ;;
-  *) sed -n '2,23s/^# \{0,1\}//p' "$0"; exit 2 ;;
+  *) sed -n '2,25s/^# \{0,1\}//p' "$0"; exit 2 ;;
 esac

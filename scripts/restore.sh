@@ -6,9 +6,11 @@
 #
 # Environment:
 #   RESTORE_DATABASE_URL  a superuser connection to the target database, which must exist and be
-#                         empty (create it with scripts/db-setup.sh, which also creates the
-#                         cybernetic_owner and cybernetic_app roles the archive's owners and
-#                         grants name; do not migrate it). Default:
+#                         empty, owned by cybernetic_owner (`createdb -O cybernetic_owner NAME`;
+#                         do not migrate it). The cybernetic_owner and cybernetic_app roles the
+#                         archive's owners and grants name must exist: on a new cluster create
+#                         them with scripts/db-setup.sh, which also sets both roles' passwords
+#                         (for the whole cluster, so not on one where they are in use). Default:
 #                         postgres://postgres@127.0.0.1:5432/${DB_NAME:-cybernetic}
 #   STORAGE_LOCAL_ROOT    where a local backend's artifacts go (default data); it must not hold
 #                         objects yet
@@ -20,7 +22,9 @@ die() { echo "restore: $*" >&2; exit 1; }
 [[ $# -eq 1 ]] || die "usage: scripts/restore.sh DIR"
 dir=$1
 url=${RESTORE_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/${DB_NAME:-cybernetic}}
-command -v pg_restore >/dev/null || die "pg_restore is not installed (apt-get install postgresql-client)"
+for tool in pg_restore psql; do
+  command -v "$tool" >/dev/null || die "$tool is not installed (apt-get install postgresql-client)"
+done
 [[ -f $dir/database.dump && -f $dir/manifest.sha256 ]] || die "$dir is not a backup (no database.dump or manifest.sha256)"
 
 echo "restore: checking $dir against its manifest" >&2

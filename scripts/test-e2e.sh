@@ -9,12 +9,16 @@ cd "$(dirname "$0")/.."
 export BIN=${BIN:-$PWD/target/debug/cybernetic}
 export LOCAL_STACK_DIR=${LOCAL_STACK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/cybernetic-e2e.XXXXXX")}
 export LOCAL_STACK_DB=cybernetic_test_e2e_$$
+# Ports of its own, so a local stack left running for development does not answer in its place.
+export HTTP_PORT=${HTTP_PORT:-28080} HTTPS_PORT=${HTTPS_PORT:-28443} STATS_PORT=${STATS_PORT:-28404}
+export APP1_PORT=${APP1_PORT:-28181} APP2_PORT=${APP2_PORT:-28182} WORKER_PORT=${WORKER_PORT:-28191}
+export PROMETHEUS_PORT=${PROMETHEUS_PORT:-29090}
 : "${PG_SUPERUSER_URL:=postgres://postgres@127.0.0.1:5432/postgres}"
-https_port=${HTTPS_PORT:-18443}
-stats_port=${STATS_PORT:-18404}
-app1_port=${APP1_PORT:-18181}
-app2_port=${APP2_PORT:-18182}
-prometheus_port=${PROMETHEUS_PORT:-19090}
+https_port=$HTTPS_PORT
+stats_port=$STATS_PORT
+app1_port=$APP1_PORT
+app2_port=$APP2_PORT
+prometheus_port=$PROMETHEUS_PORT
 cleanup() {
   bash scripts/local-stack.sh down >/dev/null 2>&1 || true
   psql "$PG_SUPERUSER_URL" -qX -c "drop database if exists $LOCAL_STACK_DB with (force)" >/dev/null 2>&1 || true

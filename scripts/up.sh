@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The platform in one command, on a fresh machine. Creates what is missing of the development
-# secrets (scripts/gen-secrets.sh) and the self-signed certificate (scripts/gen-dev-cert.sh), then:
-#   - where a Docker engine answers: `docker compose up -d --wait` (docker-compose.yml);
-#   - where none does: the same topology as local processes (scripts/local-stack.sh up).
+# The platform in one command, on a fresh machine:
+#   - where a Docker engine answers: creates what is missing of the development secrets
+#     (scripts/gen-secrets.sh) and the self-signed certificate (scripts/gen-dev-cert.sh), then
+#     `docker compose up -d --wait` (docker-compose.yml; HTTPS_PORT from the shell or .env);
+#   - where none does: the same topology as local processes (scripts/local-stack.sh up, which
+#     keeps its own token and certificate in .local-stack/).
 # It says which it chose, and ends with the URL and how to get a first API key.
 #
 #   scripts/up.sh            (DOCKER=0 forces the local stack; DOCKER=1 fails without an engine)
@@ -19,7 +21,8 @@ if [[ $use_docker == 1 ]]; then
   bash scripts/gen-secrets.sh
   bash scripts/gen-dev-cert.sh
   docker compose up -d --wait
-  port=${HTTPS_PORT:-443}
+  port=${HTTPS_PORT:-$(sed -n 's/^HTTPS_PORT=//p' .env 2>/dev/null | tail -n 1)}
+  port=${port:-443}
   url=https://localhost$([[ $port == 443 ]] || echo ":$port")
   cat <<EOT
 The platform is up at $url (self-signed certificate: curl -k).
