@@ -22,7 +22,8 @@ COPY . .
 RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
-# Queries are checked against the committed .sqlx/ data, never a live database.
+# The build never reaches for a database: the queries are checked at run time (no compile-time
+# query macros, so there is no .sqlx/ data), and SQLX_OFFLINE keeps it that way if one is added.
 ENV SQLX_OFFLINE=true
 COPY --from=planner /src/recipe.json recipe.json
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
