@@ -168,9 +168,8 @@ grant execute on function telegram_link_code_tenant(text) to cybernetic_app;
 -- chats no tenant has linked. Each job's key makes a second enqueue a no-op (Telegram redelivers
 -- updates). Returns a row per key: the job's id and whether this call created it.
 -- It sends no NOTIFY: PostgreSQL serialises the commits of notifying transactions (fsync and
--- all), which would cap the intake at one commit at a time. The caller notifies the pool in a
--- statement of its own once the batch is committed (a transaction without writes, which commits
--- without waiting for the disk).
+-- all), which would cap the intake at one commit at a time. The caller wakes the pools once the
+-- batch is committed (src/db/waker.rs).
 create function enqueue_platform_jobs(p_ids uuid[], p_kind text, p_queue text, p_args jsonb[],
                                       p_max_attempts integer, p_keys text[])
 returns table (job_key text, job_id uuid, job_created boolean)

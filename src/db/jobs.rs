@@ -78,15 +78,16 @@ pub async fn insert(
     Ok((existing.0, false))
 }
 
-/// [`insert`] as a statement of its own (`enqueue_job`, migration 000006): given a pool, it runs
-/// outside any transaction and commits by itself, in one round trip.
+/// [`insert`] as a statement of its own (`enqueue_job`, migrations 000006 and 000010): it runs
+/// outside any transaction and commits by itself, in one round trip; the pools are woken after
+/// the commit by the [`Db`](super::Db)'s waker.
 #[tracing::instrument(skip_all, fields(kind = job.kind))]
 pub async fn insert_alone(
-    pool: &PgPool,
+    db: &super::Db,
     tenant: TenantId,
     job: &NewJob<'_>,
 ) -> DbResult<(Uuid, bool)> {
-    Ok(
+    let (id, created): (Uuid, bool) =
         sqlx::query_as("select * from enqueue_job($1, $2, $3, $4, $5, $6, $7, $8, $9)")
             .bind(tenant.as_uuid())
             .bind(Uuid::now_v7())
@@ -97,9 +98,13 @@ pub async fn insert_alone(
             .bind(job.max_attempts)
             .bind(job.run_at)
             .bind(job.idempotency_key)
-            .fetch_one(pool)
-            .await?,
-    )
+            .fetch_one(db.primary())
+            .await?;
+    // Committed: wake the pools (migration 000010: the statement no longer notifies itself).
+    if created && job.run_at.is_none_or(|at| at <= chrono::Utc::now()) {
+        db.wake_jobs(job.queue);
+    }
+    Ok((id, created))
 }
 
 /// One cron tick's job, enqueued for every tenant (or those of one timezone) at once.

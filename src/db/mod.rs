@@ -16,6 +16,7 @@ pub mod telegram;
 pub mod tenant;
 pub mod tenants;
 pub mod violations;
+pub mod waker;
 pub mod webhook_sources;
 
 use std::sync::Arc;
@@ -142,6 +143,8 @@ pub struct Db {
     ops: PgPool,
     /// How to open one connection outside any pool (the start-up role check).
     direct: PgConnectOptions,
+    /// Wakes the job pools after jobs committed outside a caller's transaction.
+    waker: waker::JobWaker,
 }
 
 #[derive(Clone)]
@@ -170,11 +173,18 @@ impl Db {
             .max_connections(4)
             .connect_lazy_with(direct.clone());
         Ok(Self {
+            waker: waker::JobWaker::new(primary.clone()),
             primary,
             replica,
             ops,
             direct,
         })
+    }
+
+    /// Wakes the job pools for `queue` once the jobs just committed can be claimed (see
+    /// [`waker`]).
+    pub fn wake_jobs(&self, queue: crate::domain::job::Queue) {
+        self.waker.wake(queue);
     }
 
     pub fn ops(&self) -> &PgPool {

@@ -356,7 +356,7 @@ pub async fn prune_limits(pool: &PgPool, batch: i32) -> DbResult<u64> {
 
 /// Enqueues a platform job (no tenant) of a kind that needs one; `false` when the key was used.
 pub async fn enqueue_platform(
-    pool: &PgPool,
+    db: &super::Db,
     kind: &str,
     queue: Queue,
     args: &Value,
@@ -364,7 +364,7 @@ pub async fn enqueue_platform(
     key: &str,
 ) -> DbResult<(Option<Uuid>, bool)> {
     let done = enqueue_platform_batch(
-        pool,
+        db,
         kind,
         queue,
         max_attempts,
@@ -379,7 +379,7 @@ pub async fn enqueue_platform(
 /// ones answer `false`.
 #[tracing::instrument(skip_all, fields(jobs = jobs.len()))]
 pub async fn enqueue_platform_batch(
-    pool: &PgPool,
+    db: &super::Db,
     kind: &str,
     queue: Queue,
     max_attempts: i32,
@@ -396,22 +396,11 @@ pub async fn enqueue_platform_batch(
             .bind(&args)
             .bind(max_attempts)
             .bind(&keys)
-            .fetch_all(pool)
+            .fetch_all(db.primary())
             .await?;
     if rows.iter().any(|(_, _, created)| *created) {
-        // After the commit, in a transaction of its own (see enqueue_platform_jobs) that does not
-        // wait for the disk: a NOTIFY gives its transaction an id, whose commit would otherwise
-        // be flushed, and notifying commits run one at a time. Best effort: the pool also polls,
-        // so a lost wake-up only delays pickup by the poll interval. (Both names are fixed
-        // identifiers: the channel a constant, the queue one of the enum's.)
-        let wake = format!(
-            "set local synchronous_commit = off; select pg_notify('{}', '{}')",
-            super::jobs::NOTIFY_CHANNEL,
-            queue.as_str()
-        );
-        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(wake)).execute(pool).await {
-            tracing::debug!(error = %e, "waking the job pool failed; it finds the jobs by polling");
-        }
+        // After the commit (see enqueue_platform_jobs and the waker).
+        db.wake_jobs(queue);
     }
     let mut found: std::collections::HashMap<String, (Option<Uuid>, bool)> = rows
         .into_iter()

@@ -210,8 +210,7 @@ pub async fn enqueue_alone<J: Job>(
     how: Enqueue<'_>,
 ) -> DbResult<Enqueued> {
     let args = job_args(job)?;
-    let (id, created) =
-        store::insert_alone(db.primary(), tenant, &new_job::<J>(&args, &how)).await?;
+    let (id, created) = store::insert_alone(db, tenant, &new_job::<J>(&args, &how)).await?;
     Ok(counted::<J>(id, created))
 }
 

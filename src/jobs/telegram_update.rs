@@ -221,7 +221,7 @@ impl TelegramUpdate {
         let args = serde_json::to_value(&message)
             .map_err(|e| JobError::permanent(format!("cannot encode the reply: {e}")))?;
         let (job, created) = store::enqueue_platform(
-            ctx.db.primary(),
+            &ctx.db,
             Notification::KIND,
             Notification::QUEUE,
             &args,

@@ -102,7 +102,7 @@ async fn store(db: &Db, batch: Vec<Pending>) {
     #[allow(clippy::cast_precision_loss)]
     metrics::histogram!("telegram_intake_batch_size").record(jobs.len() as f64);
     let result = enqueue_platform_batch(
-        db.primary(),
+        db,
         TelegramUpdate::KIND,
         TelegramUpdate::QUEUE,
         TelegramUpdate::MAX_ATTEMPTS,

@@ -755,29 +755,34 @@ async fn a_subscribed_chat_gets_the_violation_recorded_through_the_api() {
     // Muted, nothing is pushed; the chat still answers commands.
     say(&app, 1101, "/mute 1h").await;
     bot.wait_for(1101, "Alerts muted until").await;
+    let count = |state: &'static str| {
+        let app = &app;
+        let t = &t;
+        async move {
+            let listed = expect_json(
+                app.get(&format!("/v1/violations?state={state}"), &t.viewer)
+                    .await,
+                StatusCode::OK,
+            )
+            .await;
+            listed["items"].as_array().map_or(0, Vec::len)
+        }
+    };
+    // Evaluations read the latest states, so each step is awaited before the next.
     throughput(&app, &t, 50).await;
+    eventually(
+        Duration::from_secs(15),
+        "the violation resolved",
+        || async { count("resolved").await == 1 },
+    )
+    .await;
     throughput(&app, &t, 1).await;
     // Alerts are queued with the event, in its transaction: once the second violation is
     // committed, an alert for it would be there.
     eventually(
         Duration::from_secs(15),
-        "the violation resolved and opened again",
-        || async {
-            let count = |state: &'static str| {
-                let app = &app;
-                let t = &t;
-                async move {
-                    let listed = expect_json(
-                        app.get(&format!("/v1/violations?state={state}"), &t.viewer)
-                            .await,
-                        StatusCode::OK,
-                    )
-                    .await;
-                    listed["items"].as_array().map_or(0, Vec::len)
-                }
-            };
-            count("resolved").await == 1 && count("open").await == 1
-        },
+        "the violation opened again",
+        || async { count("open").await == 1 },
     )
     .await;
     let alerts = expect_json(
