@@ -225,7 +225,8 @@ begin
           join public.telegram_chats c on c.chat_id = s.chat_id and c.tenant_id = s.tenant_id
          where c.active
            and (c.muted_until is null or c.muted_until <= now())
-           and not (starts_with(e.type, 'job.') and e.data ->> 'kind' = 'notification')
+           and not (starts_with(e.type, 'job.')
+                    and coalesce(e.data ->> 'kind', '') = 'notification')
            and (s.pattern = '*' or s.pattern = e.type
                 or (right(s.pattern, 2) = '.*' and starts_with(e.type, left(s.pattern, -1))))
          group by e.tenant_id, e.position, e.type, c.chat_id

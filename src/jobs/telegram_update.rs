@@ -102,7 +102,13 @@ impl Job for TelegramUpdate {
         }
         bot.commands.until_ready().await;
         let pool = ctx.db.primary();
-        match store::take_token(pool, chat.id, bot.chat_interval(), bot.config.chat_burst).await? {
+        // Only the first attempt counts against the chat: a retry is the same command.
+        let allowance = if ctx.attempt == 1 {
+            store::take_token(pool, chat.id, bot.chat_interval(), bot.config.chat_burst).await?
+        } else {
+            Allowance::Allowed
+        };
+        match allowance {
             Allowance::Allowed => {}
             Allowance::Silent => return Ok(json!({"throttled": true, "replied": false})),
             Allowance::Throttled => {
@@ -737,17 +743,21 @@ fn whoami(name: &str, tenant: TenantId, chat: Option<&store::Chat>, from: Option
 /// Sends a chat message (the `notification` job's Telegram delivery).
 pub(super) async fn deliver(ctx: &JobContext, message: ChatMessage) -> Result<Value, JobError> {
     let bot = &ctx.services.telegram;
-    let Some(api) = &bot.api else {
-        // Another process may have the token (a worker started without it): left for it, until
-        // the attempts run out.
-        return Err(JobError::retry(
-            "no Telegram bot is configured in this process (TELEGRAM_BOT_TOKEN)",
-        ));
-    };
     let tenant = ctx.tenant;
     let record = match (tenant, message.notification_id) {
         (Some(tenant), Some(id)) => Some((tenant, id)),
         _ => None,
+    };
+    let Some(api) = &bot.api else {
+        // Another process may have the token (a worker started without it): left for it, until
+        // the attempts run out; then the tenant's record says why it was never sent.
+        let reason = "no Telegram bot is configured in this process (TELEGRAM_BOT_TOKEN)";
+        if let Some((tenant, id)) = record.filter(|_| ctx.attempt >= ctx.max_attempts) {
+            let mut tx = scope::begin(ctx.db.primary(), tenant).await?;
+            store::record_attempt(&mut tx, tenant, id, "failed", Some(reason)).await?;
+            tx.commit().await.map_err(DbError::from)?;
+        }
+        return Err(JobError::retry(reason));
     };
     // What was delivered by earlier attempts.
     let mut sent: Vec<i64> = Vec::new();

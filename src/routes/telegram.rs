@@ -85,10 +85,16 @@ pub async fn webhook(
         Ok(enqueued) => enqueued == Enqueued::Created,
         Err(e) => {
             counted("error");
-            return Err(ApiError::unavailable(format!(
-                "the update was not stored ({e}); Telegram sends it again"
-            ))
-            .with_header(
+            // The cause is in the server log (intake.rs logs it); none of it goes to the caller.
+            let detail = match e {
+                crate::telegram::intake::IntakeError::Busy => {
+                    "too many updates are waiting to be stored; send it again shortly"
+                }
+                crate::telegram::intake::IntakeError::Database(_) => {
+                    "the update could not be stored; send it again shortly"
+                }
+            };
+            return Err(ApiError::unavailable(detail).with_header(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),
             ));
