@@ -359,7 +359,7 @@ impl Config {
                         8 << 20,
                         crate::storage::s3::MIN_PART_SIZE..=(512 << 20),
                     )?,
-                    parts_in_flight: src.number("S3_PARTS_IN_FLIGHT", 4, 1..=64)?,
+                    parts_in_flight: src.number("S3_PARTS_IN_FLIGHT", 3, 1..=64)?,
                 }),
                 Some(other) => {
                     return Err(ConfigError::new(

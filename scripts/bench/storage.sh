@@ -2,8 +2,13 @@
 # Storage benchmark: streams objects of SIZES (default 1 GiB and 4 GiB) through PUT and GET
 # /v1/artifacts/{key} on the local backend and on a local S3-compatible server (moto_server, as the
 # tests use; TEST_S3_ENDPOINT), and reports MiB/s beside the disk's own speed measured in the same
-# run (dd with conv=fsync on the same filesystem, and a dd read of that file), and the server's
-# peak RSS growth over its idle size.
+# run (dd with conv=fsync on the same filesystem, and dd reads of that file from the disk and from
+# the page cache), and the server's peak RSS growth over its idle size.
+#
+# Every write starts with nothing left to flush (sync), so neither dd nor the PUT shares the disk
+# with the writeback of an earlier file. Reads are measured twice: cold, after dropping the page
+# cache (the disk's read speed; needs root, else those columns show -), and warm, just after the
+# write (an object read soon after it was stored).
 #
 #   scripts/bench/storage.sh [--write]     --write records the section in docs/benchmarks.md
 #
@@ -47,25 +52,37 @@ mib_per_s() { python3 -c "import sys; print(f'{int(sys.argv[1]) / 1048576 / floa
 now() { python3 -c 'import time; print(time.time())'; }
 since() { python3 -c "import sys, time; print(time.time() - float(sys.argv[1]))" "$1"; }
 
+# Drops the page cache (clean pages only: everything is synced first); fails without root.
+drop_cache() { sync && { echo 1 >/proc/sys/vm/drop_caches; } 2>/dev/null; }
+cold=0
+drop_cache && cold=1
+
 # The disk's own speed for an object of $1 MiB, on the filesystem the local backend writes to:
-# "write read" in MiB/s.
+# "write cold-read warm-read" in MiB/s (cold-read is - when the cache cannot be dropped).
 disk() {
-  local start write read
+  local start write read=- warm
+  sync
   start=$(now)
   dd if=/dev/zero of="$work/dd.bin" bs=1M count="$1" conv=fsync status=none
   write=$(mib_per_s $(($1 << 20)) "$(since "$start")")
   start=$(now)
   dd if="$work/dd.bin" of=/dev/null bs=1M status=none
-  read=$(mib_per_s $(($1 << 20)) "$(since "$start")")
+  warm=$(mib_per_s $(($1 << 20)) "$(since "$start")")
+  if ((cold)) && drop_cache; then
+    start=$(now)
+    dd if="$work/dd.bin" of=/dev/null bs=1M status=none
+    read=$(mib_per_s $(($1 << 20)) "$(since "$start")")
+  fi
   rm -f "$work/dd.bin"
-  echo "$write $read"
+  echo "$write $read $warm"
 }
-declare -A disk_write disk_read
+declare -A disk_write disk_read disk_warm
 for mib in $sizes; do
   echo "bench: disk baseline (dd, $mib MiB, conv=fsync)" >&2
-  read -r w r < <(disk "$mib")
+  read -r w r c < <(disk "$mib")
   disk_write[$mib]=$w
   disk_read[$mib]=$r
+  disk_warm[$mib]=$c
 done
 
 results=$work/results.txt
@@ -92,16 +109,26 @@ PY
   for mib in $sizes; do
     src=$work/source.bin
     head -c $((mib << 20)) /dev/zero >"$src"
+    # The source stays in the page cache, clean: curl reads it from memory, and the PUT's writes
+    # have the disk to themselves.
+    sync
     echo "bench: $backend, $mib MiB" >&2
     put=$(curl -fsS -o /dev/null -w '%{time_total}' -H "Authorization: Bearer $key" \
       -H 'content-type: application/octet-stream' -T "$src" "http://127.0.0.1:$port/v1/artifacts/bench/$mib.bin")
     peak_put_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$server/status")
-    get=$(curl -fsS -o /dev/null -w '%{time_total}' -H "Authorization: Bearer $key" \
-      "http://127.0.0.1:$port/v1/artifacts/bench/$mib.bin")
+    get_once() {
+      curl -fsS -o /dev/null -w '%{time_total}' -H "Authorization: Bearer $key" \
+        "http://127.0.0.1:$port/v1/artifacts/bench/$mib.bin"
+    }
+    warm=$(get_once)
+    get=-
+    if [[ $backend == local ]] && ((cold)) && drop_cache; then
+      get=$(mib_per_s $((mib << 20)) "$(get_once)")
+    fi
     peak_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$server/status")
     rm -f "$src"
-    printf '%s %s %s %s %s %s %s\n' "$backend" "$mib" \
-      "$(mib_per_s $((mib << 20)) "$put")" "$(mib_per_s $((mib << 20)) "$get")" \
+    printf '%s %s %s %s %s %s %s %s\n' "$backend" "$mib" \
+      "$(mib_per_s $((mib << 20)) "$put")" "$get" "$(mib_per_s $((mib << 20)) "$warm")" \
       "$(( (peak_put_kib - idle_kib) / 1024 ))" "$(( (peak_kib - idle_kib) / 1024 ))" \
       "$(( idle_kib / 1024 ))" >>"$results"
     tail -1 "$results" >&2
@@ -112,12 +139,14 @@ PY
 done
 
 table=$(
-  echo "| backend | size | disk write MiB/s | PUT MiB/s | PUT % of disk | disk read MiB/s | GET MiB/s | GET % of disk | RSS growth after PUT MiB | after GET MiB | idle RSS MiB |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-  while read -r backend mib put get growth_put growth idle; do
-    w=${disk_write[$mib]} r=${disk_read[$mib]}
-    printf '| %s | %s MiB | %s | %s | %s%% | %s | %s | %s%% | %s | %s | %s |\n' "$backend" "$mib" \
-      "$w" "$put" "$((put * 100 / w))" "$r" "$get" "$((get * 100 / r))" "$growth_put" "$growth" "$idle"
+  echo "| backend | size | disk write MiB/s | PUT MiB/s | PUT % | disk read (cold) MiB/s | GET (cold) MiB/s | GET % | page-cache read MiB/s | GET (warm) MiB/s | GET warm % | RSS growth after PUT MiB | after GET MiB | idle RSS MiB |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  pct() { [[ $1 == - || $2 == - ]] && echo - || echo "$(($1 * 100 / $2))%"; }
+  while read -r backend mib put get warm growth_put growth idle; do
+    w=${disk_write[$mib]} r=${disk_read[$mib]} c=${disk_warm[$mib]}
+    printf '| %s | %s MiB | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$backend" "$mib" \
+      "$w" "$put" "$(pct "$put" "$w")" "$r" "$get" "$(pct "$get" "$r")" \
+      "$c" "$warm" "$(pct "$warm" "$c")" "$growth_put" "$growth" "$idle"
   done <"$results"
 )
 echo
@@ -131,7 +160,8 @@ if ((write)); then
     echo "- command: \`scripts/bench/storage.sh --write\` (SIZES=\"$sizes\" MiB, BACKENDS=\"$backends\")"
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit \`$(git describe --always --dirty --abbrev=12)\`"
     echo "- machine: $(nproc) CPUs, $(LC_ALL=C lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1), $(awk '/^MemTotal:/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo); filesystem $(df -T "$work" | awk 'NR==2 {print $2}')"
-    echo "- disk in the same run, per size: write with \`dd bs=1M conv=fsync\` of that many MiB, read with \`dd\` of that file just after (so from the page cache, as the GET of an object just stored is)"
+    echo "- disk in the same run, per size: write with \`dd bs=1M conv=fsync\` of that many MiB, after a \`sync\`; read with \`dd bs=1M\` of that file twice: just after the write (from the page cache) and after dropping the page cache (from the disk)"
+    echo "- PUT: after a \`sync\`, so the source file (in the page cache) is not being written back meanwhile; GET (warm) just after the PUT, GET (cold) after dropping the page cache (local backend only: moto keeps objects in its memory)"
     echo "- each object: one \`curl -T\` PUT (streamed, Content-Length set) then one GET to /dev/null, through \`cybernetic serve\` (release build) on 127.0.0.1; s3 is moto_server on the same machine (it keeps objects in its own memory)"
     echo
     echo "$table"
