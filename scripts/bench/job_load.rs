@@ -65,12 +65,13 @@ async fn enqueue_one(db: &Db, tenant: TenantId, alone: bool) -> anyhow::Result<(
         t: cybernetic::events::now_us(),
     };
     if alone {
-        jobs::enqueue_alone(db, tenant, &job, Enqueue::default()).await?;
+        let _woken_already = jobs::enqueue_alone(db, tenant, &job, Enqueue::default()).await?;
         return Ok(());
     }
     let mut tx = scope::begin(db.primary(), tenant).await?;
-    jobs::enqueue(&mut tx, tenant, &job, Enqueue::default()).await?;
+    let enqueued = jobs::enqueue(&mut tx, tenant, &job, Enqueue::default()).await?;
     tx.commit().await?;
+    enqueued.wake.after_commit(db);
     Ok(())
 }
 

@@ -33,26 +33,25 @@ pub struct NewJob<'a> {
     pub idempotency_key: Option<&'a str>,
 }
 
-/// Inserts a job in the caller's transaction (so it commits or rolls back with the caller's write)
-/// and notifies the pools when it is due now; the notification is delivered at commit. Returns
-/// the job's id and whether it was created: with an idempotency key already used by this tenant,
-/// nothing is written and the existing job's id comes back.
+/// Inserts a job in the caller's transaction (so it commits or rolls back with the caller's write).
+/// Returns the job's id and whether it was created: with an idempotency key already used by this
+/// tenant, nothing is written and the existing job's id comes back.
+///
+/// It sends no NOTIFY: PostgreSQL lets one notifying transaction commit at a time, through its
+/// flush, so every write that enqueues would wait for every other's. The caller wakes the pools
+/// after its commit ([`crate::jobs::Wake`]).
 #[tracing::instrument(skip_all, fields(kind = job.kind))]
 pub async fn insert(
     conn: &mut PgConnection,
     tenant: TenantId,
     job: &NewJob<'_>,
 ) -> DbResult<(Uuid, bool)> {
-    // pg_notify sits in the select list so it runs once for the inserted row (and only then).
-    let created: Option<(Uuid, bool)> = sqlx::query_as(
-        "with ins as (
-             insert into jobs (id, tenant_id, kind, queue, priority, args, max_attempts, run_at,
-                               idempotency_key)
-             values ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9)
-             on conflict (tenant_id, idempotency_key) where idempotency_key is not null do nothing
-             returning id, queue, run_at
-         )
-         select id, (case when run_at <= now() then pg_notify($10, queue) end) is null from ins",
+    let created: Option<(Uuid,)> = sqlx::query_as(
+        "insert into jobs (id, tenant_id, kind, queue, priority, args, max_attempts, run_at,
+                           idempotency_key)
+         values ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9)
+         on conflict (tenant_id, idempotency_key) where idempotency_key is not null do nothing
+         returning id",
     )
     .bind(Uuid::now_v7())
     .bind(tenant.as_uuid())
@@ -63,10 +62,9 @@ pub async fn insert(
     .bind(job.max_attempts)
     .bind(job.run_at)
     .bind(job.idempotency_key)
-    .bind(NOTIFY_CHANNEL)
     .fetch_optional(&mut *conn)
     .await?;
-    if let Some((id, _)) = created {
+    if let Some((id,)) = created {
         return Ok((id, true));
     }
     let existing: (Uuid,) =

@@ -1,7 +1,8 @@
-//! Wakes the job pools (theirs LISTEN on [`NOTIFY_CHANNEL`]) after jobs were committed outside a
-//! caller's transaction: the standalone enqueue and the Telegram intake.
+//! Wakes the job pools (theirs LISTEN on [`NOTIFY_CHANNEL`]) after jobs were committed: by a
+//! caller's transaction ([`crate::jobs::Wake::after_commit`]), by the standalone enqueue and by the
+//! Telegram intake.
 //!
-//! The NOTIFY is not part of the enqueue's own transaction. PostgreSQL lets only one notifying
+//! The NOTIFY is not part of the enqueuing transaction. PostgreSQL lets only one notifying
 //! transaction commit at a time, and holds that turn through the commit's flush to disk, so a
 //! NOTIFY inside every enqueue would line all enqueuers up behind one another's fsync. Instead the
 //! enqueue commits alone (concurrent ones share flushes), returns, and asks this waker; the waker

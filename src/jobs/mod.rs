@@ -182,14 +182,54 @@ pub struct Enqueue<'a> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[must_use = "wake the pools once the transaction commits (`enqueued.wake.after_commit(&db)`)"]
 pub struct Enqueued {
     pub id: Uuid,
     /// `false` when the idempotency key was already used and nothing was written.
     pub created: bool,
+    /// The queue to wake after the commit, when the job was created due now.
+    #[serde(skip)]
+    pub wake: Wake,
 }
 
-/// Enqueues `job` for `tenant` in the caller's transaction: it becomes visible to the pool (and is
-/// announced to it) when that transaction commits, and vanishes if it rolls back.
+/// The queues whose pools a transaction's enqueues should wake once it has committed.
+///
+/// A job enqueued in a caller's transaction sends no NOTIFY from inside it (PostgreSQL commits
+/// notifying transactions one at a time, each through its flush, which would line every write
+/// that enqueues up behind the others). The caller commits, then calls [`Wake::after_commit`]:
+/// one NOTIFY per queue goes out from the [`Db`]'s waker. Forgetting it only delays pickup to
+/// the pools' next poll (`JOB_POLL_INTERVAL`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[must_use = "call `after_commit` once the transaction has committed"]
+pub struct Wake(u8);
+
+impl Wake {
+    pub fn queue(queue: Queue) -> Self {
+        Self(1 << queue.index())
+    }
+
+    /// Both sets of queues.
+    pub fn and(self, other: Wake) -> Self {
+        Self(self.0 | other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Wakes the pools of these queues; call it after the transaction that enqueued committed.
+    pub fn after_commit(self, db: &Db) {
+        for queue in Queue::ALL {
+            if self.0 & (1 << queue.index()) != 0 {
+                db.wake_jobs(queue);
+            }
+        }
+    }
+}
+
+/// Enqueues `job` for `tenant` in the caller's transaction: it becomes visible to the pool when
+/// that transaction commits, and vanishes if it rolls back. Once committed, call
+/// `enqueued.wake.after_commit(&db)` so the pools claim it at once.
 pub async fn enqueue<J: Job>(
     conn: &mut PgConnection,
     tenant: TenantId,
@@ -197,8 +237,14 @@ pub async fn enqueue<J: Job>(
     how: Enqueue<'_>,
 ) -> DbResult<Enqueued> {
     let args = job_args(job)?;
-    let (id, created) = store::insert(conn, tenant, &new_job::<J>(&args, &how)).await?;
-    Ok(counted::<J>(id, created))
+    let new = new_job::<J>(&args, &how);
+    let (id, created) = store::insert(conn, tenant, &new).await?;
+    let due = new.run_at.is_none_or(|at| at <= Utc::now());
+    let mut enqueued = counted::<J>(id, created);
+    if created && due {
+        enqueued.wake = Wake::queue(J::QUEUE);
+    }
+    Ok(enqueued)
 }
 
 /// Enqueues `job` for `tenant` on its own, committed when this returns: for a job that belongs to
@@ -234,7 +280,11 @@ fn counted<J: Job>(id: Uuid, created: bool) -> Enqueued {
     if created {
         metrics::counter!("jobs_enqueued_total", "kind" => J::KIND).increment(1);
     }
-    Enqueued { id, created }
+    Enqueued {
+        id,
+        created,
+        wake: Wake::default(),
+    }
 }
 
 /// What the platform's kinds need besides the database and the bus.

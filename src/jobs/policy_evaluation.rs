@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::notification::Notification;
-use super::{Enqueue, Job, JobContext, JobError, enqueue};
+use super::{Enqueue, Job, JobContext, JobError, Wake, enqueue};
 use crate::db::policies::{self, Policy};
 use crate::db::system_states::{self, SystemState};
 use crate::db::violations::{self, NewViolation, Violation};
@@ -60,6 +60,7 @@ impl Job for PolicyEvaluation {
         let changes = evaluate(&states, &active, open);
 
         let mut appended = Vec::new();
+        let mut wake = Wake::default();
         for change in &changes.changes {
             let (event_type, violation, reason) = match change {
                 Change::Open { check } => {
@@ -105,10 +106,11 @@ impl Job for PolicyEvaluation {
             let data = event_body(&violation, reason);
             let event =
                 events::append(&mut tx, tenant, &EventType::platform(event_type), &data).await?;
-            notify(&mut tx, tenant, &violation, &event).await?;
+            wake = wake.and(notify(&mut tx, tenant, &violation, &event).await?);
             appended.push(event);
         }
         tx.commit().await.map_err(DbError::from)?;
+        wake.after_commit(&ctx.db);
         ctx.events.committed(&appended).await;
         Ok(json!({
             "rules_checked": changes.rules_checked,
@@ -167,13 +169,15 @@ fn event_body(v: &Violation, reason: Option<&str>) -> Value {
     body
 }
 
-/// Enqueues the event's delivery to each channel that takes the violation's severity.
+/// Enqueues the event's delivery to each channel that takes the violation's severity; returns
+/// the queues to wake after the commit.
 async fn notify(
     conn: &mut sqlx::PgConnection,
     tenant: TenantId,
     violation: &Violation,
     event: &events::Event,
-) -> Result<(), JobError> {
+) -> Result<Wake, JobError> {
+    let mut wake = Wake::default();
     let severity = Severity::parse("severity", &violation.severity)
         .map_err(|e| JobError::permanent(e.to_string()))?;
     for channel in crate::db::channels::accepting(conn, tenant, severity).await? {
@@ -186,9 +190,9 @@ async fn notify(
             idempotency_key: Some(&key),
             ..Enqueue::default()
         };
-        enqueue(conn, tenant, &job, how).await?;
+        wake = wake.and(enqueue(conn, tenant, &job, how).await?.wake);
     }
-    Ok(())
+    Ok(wake)
 }
 
 struct Check<'p> {

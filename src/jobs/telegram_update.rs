@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::notification::{ChatMessage, Notification};
-use super::{Enqueue, Job, JobContext, JobError};
+use super::{Enqueue, Job, JobContext, JobError, Wake};
 use crate::config::TelegramConfig;
 use crate::db::events::{self, Event};
 use crate::db::telegram::{self as store, Allowance, NewChat, Redeemed};
@@ -177,13 +177,20 @@ impl Job for TelegramUpdate {
 struct Done {
     reply: Reply,
     events: Vec<Event>,
+    /// The queues of jobs the command enqueued, woken after the commit.
+    wake: Wake,
 }
 
 impl Done {
     fn reply(reply: Reply) -> Self {
+        Self::with_events(reply, Vec::new())
+    }
+
+    fn with_events(reply: Reply, events: Vec<Event>) -> Self {
         Self {
             reply,
-            events: Vec::new(),
+            events,
+            wake: Wake::default(),
         }
     }
 }
@@ -276,6 +283,7 @@ impl TelegramUpdate {
         )
         .await?;
         tx.commit().await.map_err(DbError::from)?;
+        done.wake.and(enqueued.wake).after_commit(&ctx.db);
         ctx.events.committed(&done.events).await;
         Ok(json!({
             "outcome": outcome,
@@ -358,10 +366,7 @@ impl TelegramUpdate {
         let reply = Reply::text(format!(
             "Linked to {name}. Try /status, or /subscribe policy.violated to get alerts here."
         ));
-        let done = Done {
-            reply,
-            events: vec![event],
-        };
+        let done = Done::with_events(reply, vec![event]);
         self.commit(ctx, tx, tenant, done, "linked").await
     }
 
@@ -408,12 +413,12 @@ impl TelegramUpdate {
                             json!({"chat_id": chat.chat_id, "title": chat.title, "by": "chat"}),
                         )
                         .await?;
-                        Done {
-                            reply: Reply::text(format!(
+                        Done::with_events(
+                            Reply::text(format!(
                                 "Unlinked from {name}. Its subscriptions here are gone too."
                             )),
-                            events: vec![event],
-                        }
+                            vec![event],
+                        )
                     }
                 }
             }
@@ -439,7 +444,7 @@ impl TelegramUpdate {
                 match crate::routes::episodes::NewEpisode::parse(&title, text) {
                     Err(e) => Done::reply(Reply::text(format!("Not recorded: {e}"))),
                     Ok(new) => {
-                        let (episode, event) =
+                        let (episode, event, wake) =
                             match crate::routes::episodes::record(&mut tx, tenant, &new).await {
                                 Ok(done) => done,
                                 Err(e) if e.status().is_client_error() => {
@@ -457,8 +462,8 @@ impl TelegramUpdate {
                             .code(episode.id.to_string());
                         reply.line("Its analysis is queued.");
                         Done {
-                            reply,
-                            events: vec![event],
+                            wake,
+                            ..Done::with_events(reply, vec![event])
                         }
                     }
                 }
@@ -533,10 +538,7 @@ impl TelegramUpdate {
                     reply
                         .line(format!("Queued {} again: ", job.kind))
                         .code(job.id.to_string());
-                    Done {
-                        reply,
-                        events: vec![event],
-                    }
+                    Done::with_events(reply, vec![event])
                 }
                 Err(e) if e.status().is_client_error() => {
                     Done::reply(Reply::text(format!("Not retried: {}", e.detail())))
@@ -558,12 +560,12 @@ impl TelegramUpdate {
                         json!({"chat_id": chat_id, "pattern": pattern}),
                     )
                     .await?;
-                    Done {
-                        reply: Reply::text(format!(
+                    Done::with_events(
+                        Reply::text(format!(
                             "Subscribed: events matching {pattern} will be posted here."
                         )),
-                        events: vec![event],
-                    }
+                        vec![event],
+                    )
                 } else {
                     Done::reply(Reply::text(format!("This chat follows {pattern} already.")))
                 }
@@ -577,10 +579,10 @@ impl TelegramUpdate {
                         json!({"chat_id": chat_id, "pattern": pattern}),
                     )
                     .await?;
-                    Done {
-                        reply: Reply::text(format!("Unsubscribed from {pattern}.")),
-                        events: vec![event],
-                    }
+                    Done::with_events(
+                        Reply::text(format!("Unsubscribed from {pattern}.")),
+                        vec![event],
+                    )
                 } else {
                     Done::reply(Reply::text(format!(
                         "This chat does not follow {pattern}. /whoami lists what it follows."
@@ -606,10 +608,7 @@ impl TelegramUpdate {
                     )),
                     None => Reply::text("Alerts are on again."),
                 };
-                Done {
-                    reply,
-                    events: vec![event],
-                }
+                Done::with_events(reply, vec![event])
             }
             Command::WhoAmI => {
                 let name = tenant_name(&mut tx, tenant).await?;

@@ -331,7 +331,9 @@ async fn record(
         storage_path: artifact.storage_path.clone(),
         sha256: artifact.sha256.clone(),
     };
-    jobs::enqueue(&mut tx, tenant, &processing, Enqueue::default()).await?;
+    let wake = jobs::enqueue(&mut tx, tenant, &processing, Enqueue::default())
+        .await?
+        .wake;
     let event = events::append(
         &mut tx,
         tenant,
@@ -340,6 +342,7 @@ async fn record(
     )
     .await?;
     tx.commit().await?;
+    wake.after_commit(&state.db);
     state.events.committed(std::slice::from_ref(&event)).await;
     let created = previous.is_none();
     if let Some(previous) = previous {

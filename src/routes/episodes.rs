@@ -14,7 +14,7 @@ use crate::domain::tenant::Name;
 use crate::http::error::ApiError;
 use crate::http::extract::{AppJson, AppPath, AppQuery, Operator, TenantAuth, Viewer};
 use crate::jobs::episode_analysis::EpisodeAnalysis;
-use crate::jobs::{self, Enqueue};
+use crate::jobs::{self, Enqueue, Wake};
 use crate::state::AppState;
 
 use super::{Page, PageQuery, event_data, parse_uuid};
@@ -55,22 +55,25 @@ impl NewEpisode {
 }
 
 /// Records the episode in the caller's tenant transaction, with its analysis job and its
-/// `episode.created` event (handed to the bus by the caller after the commit). Every way of
-/// recording an episode (the API, the Telegram bot, signed webhooks) goes through here.
+/// `episode.created` event. After the commit the caller hands the event to the bus and wakes the
+/// analysis queue with the returned [`Wake`]. Every way of recording an episode (the API, the
+/// Telegram bot, signed webhooks) goes through here.
 pub async fn record(
     tx: &mut sqlx::PgConnection,
     tenant: crate::domain::tenant::TenantId,
     new: &NewEpisode,
-) -> Result<(Episode, crate::db::events::Event), ApiError> {
+) -> Result<(Episode, crate::db::events::Event, Wake), ApiError> {
     let episode = episodes::create(&mut *tx, tenant, new.title.as_str(), &new.content).await?;
     // Analysed in the background; the job commits with the episode or not at all.
     let analysis = EpisodeAnalysis {
         episode_id: episode.id,
     };
-    jobs::enqueue(&mut *tx, tenant, &analysis, Enqueue::default()).await?;
+    let wake = jobs::enqueue(&mut *tx, tenant, &analysis, Enqueue::default())
+        .await?
+        .wake;
     let event_type = EventType::platform(EventType::EPISODE_CREATED);
     let event = events::append(&mut *tx, tenant, &event_type, &event_data(&episode)).await?;
-    Ok((episode, event))
+    Ok((episode, event, wake))
 }
 
 #[tracing::instrument(skip_all)]
@@ -81,8 +84,9 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Episode>), ApiError> {
     let new = NewEpisode::parse(&body.title, body.content).map_err(ApiError::validation)?;
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
-    let (episode, event) = record(&mut tx, auth.tenant_id, &new).await?;
+    let (episode, event, wake) = record(&mut tx, auth.tenant_id, &new).await?;
     tx.commit().await?;
+    wake.after_commit(&state.db);
     state.events.committed(std::slice::from_ref(&event)).await;
     Ok((StatusCode::CREATED, Json(episode)))
 }

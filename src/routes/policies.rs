@@ -17,7 +17,7 @@ use crate::domain::tenant::{Name, TenantId};
 use crate::http::error::ApiError;
 use crate::http::extract::{Admin, AppJson, AppPath, AppQuery, TenantAuth, Viewer};
 use crate::jobs::policy_evaluation::PolicyEvaluation;
-use crate::jobs::{self, Enqueue};
+use crate::jobs::{self, Enqueue, Wake};
 use crate::state::AppState;
 
 use super::{Page, PageQuery, event_data, parse_uuid};
@@ -53,18 +53,20 @@ fn parse(name: &str, rules: Value) -> Result<(Name, Rules), ApiError> {
 }
 
 /// A changed policy is checked against the latest states at once (and a deleted one's open
-/// violations resolved), not only when the next state is recorded.
+/// violations resolved), not only when the next state is recorded. The caller wakes the queue
+/// after its commit.
 async fn reevaluate(
     tx: &mut PgConnection,
     tenant: TenantId,
     policy_id: uuid::Uuid,
-) -> Result<(), ApiError> {
+) -> Result<Wake, ApiError> {
     let evaluation = PolicyEvaluation {
         policy_id: Some(policy_id),
         ..PolicyEvaluation::default()
     };
-    jobs::enqueue(tx, tenant, &evaluation, Enqueue::default()).await?;
-    Ok(())
+    Ok(jobs::enqueue(tx, tenant, &evaluation, Enqueue::default())
+        .await?
+        .wake)
 }
 
 #[tracing::instrument(skip_all)]
@@ -81,10 +83,11 @@ pub async fn create(
     };
     let mut tx = scope::begin(state.db.primary(), auth.tenant_id).await?;
     let policy = policies::create(&mut tx, auth.tenant_id, &input).await?;
-    reevaluate(&mut tx, auth.tenant_id, policy.id).await?;
+    let wake = reevaluate(&mut tx, auth.tenant_id, policy.id).await?;
     let event_type = EventType::platform(EventType::POLICY_CREATED);
     let event = events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&policy)).await?;
     tx.commit().await?;
+    wake.after_commit(&state.db);
     state.events.committed(std::slice::from_ref(&event)).await;
     Ok((StatusCode::CREATED, Json(policy)))
 }
@@ -139,10 +142,11 @@ pub async fn replace(
     let policy = policies::replace(&mut tx, auth.tenant_id, id, &input)
         .await?
         .ok_or_else(|| ApiError::not_found("policy"))?;
-    reevaluate(&mut tx, auth.tenant_id, policy.id).await?;
+    let wake = reevaluate(&mut tx, auth.tenant_id, policy.id).await?;
     let event_type = EventType::platform(EventType::POLICY_UPDATED);
     let event = events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&policy)).await?;
     tx.commit().await?;
+    wake.after_commit(&state.db);
     state.events.committed(std::slice::from_ref(&event)).await;
     Ok(Json(policy))
 }
@@ -158,11 +162,12 @@ pub async fn delete(
     let policy = policies::delete(&mut tx, auth.tenant_id, id)
         .await?
         .ok_or_else(|| ApiError::not_found("policy"))?;
-    reevaluate(&mut tx, auth.tenant_id, policy.id).await?;
+    let wake = reevaluate(&mut tx, auth.tenant_id, policy.id).await?;
     let event_type = EventType::platform(EventType::POLICY_DELETED);
     let data = json!({"id": policy.id, "name": policy.name, "version": policy.version});
     let event = events::append(&mut tx, auth.tenant_id, &event_type, &data).await?;
     tx.commit().await?;
+    wake.after_commit(&state.db);
     state.events.committed(std::slice::from_ref(&event)).await;
     Ok(StatusCode::NO_CONTENT)
 }

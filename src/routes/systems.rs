@@ -56,11 +56,14 @@ pub async fn record(
         version: Some(recorded.version),
         ..PolicyEvaluation::default()
     };
-    jobs::enqueue(&mut tx, auth.tenant_id, &evaluation, Enqueue::default()).await?;
+    let wake = jobs::enqueue(&mut tx, auth.tenant_id, &evaluation, Enqueue::default())
+        .await?
+        .wake;
     let event_type = EventType::platform(EventType::SYSTEM_STATE);
     let event =
         events::append(&mut tx, auth.tenant_id, &event_type, &event_data(&recorded)).await?;
     tx.commit().await?;
+    wake.after_commit(&state.db);
     state.events.committed(std::slice::from_ref(&event)).await;
     Ok((StatusCode::CREATED, Json(recorded)))
 }

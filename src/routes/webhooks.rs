@@ -28,6 +28,7 @@ use crate::domain::{ParseError, reject_nul};
 use crate::http::error::ApiError;
 use crate::http::extract::{Admin, AppJson, AppPath, AppQuery, TenantAuth};
 use crate::http::middleware::record_tenant;
+use crate::jobs::Wake;
 use crate::state::AppState;
 
 use super::episodes::{NewEpisode, record};
@@ -402,7 +403,7 @@ async fn accept(
     webhook_sources::prune_receipts(&mut tx, tenant, PRUNE_BATCH)
         .await
         .map_err(failed)?;
-    let (produced, event) = match episode {
+    let (produced, event, wake) = match episode {
         None => {
             let event_type = SourceName::parse(&found.name)
                 .and_then(|name| name.event_type())
@@ -417,18 +418,19 @@ async fn accept(
             )
             .await
             .map_err(failed)?;
-            (Produced::Event(event.id), event)
+            (Produced::Event(event.id), event, Wake::default())
         }
         Some(new) => {
             // The same path as POST /v1/episodes: the row, its analysis job, its event.
-            let (episode, event) = record(&mut tx, tenant, &new).await.map_err(failed)?;
+            let (episode, event, wake) = record(&mut tx, tenant, &new).await.map_err(failed)?;
             webhook_sources::record_episode(&mut tx, tenant, found.source_id, &key, episode.id)
                 .await
                 .map_err(failed)?;
-            (Produced::Episode(episode.id), event)
+            (Produced::Episode(episode.id), event, wake)
         }
     };
     tx.commit().await.map_err(failed)?;
+    wake.after_commit(&state.db);
     state.events.committed(std::slice::from_ref(&event)).await;
     Ok((
         Outcome::Accepted,

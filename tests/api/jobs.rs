@@ -151,6 +151,7 @@ async fn enqueue<J: Job>(db: &Db, tenant: &str, job: &J, how: Enqueue<'_>) -> jo
         .await
         .expect("enqueue");
     tx.commit().await.expect("commit");
+    enqueued.wake.after_commit(db);
     enqueued
 }
 
@@ -387,7 +388,7 @@ async fn enqueue_commits_and_rolls_back_with_its_transaction_and_keys_are_idempo
     let tenant = TenantId::from_uuid(t.id.parse().unwrap());
 
     let mut tx = scope::begin(db.primary(), tenant).await.unwrap();
-    jobs::enqueue(&mut tx, tenant, &Flaky, Enqueue::default())
+    let _rolled_back = jobs::enqueue(&mut tx, tenant, &Flaky, Enqueue::default())
         .await
         .unwrap();
     tx.rollback().await.unwrap();
@@ -557,6 +558,80 @@ async fn a_running_pool_picks_jobs_up_reports_progress_and_stops_cancelled_ones(
         after["state"], "cancelled",
         "its outcome is discarded: {after}"
     );
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the pool stops")
+        .expect("pool task");
+}
+
+#[tokio::test]
+async fn committed_jobs_wake_a_pool_that_would_not_poll_for_an_hour() {
+    // Neither enqueue notifies inside its transaction: the wake-up comes after the commit, from
+    // the enqueuer's waker. With polling an hour apart, only that wake-up can start the jobs.
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    let tenant = TenantId::from_uuid(t.id.parse().unwrap());
+    let (pool, db) = pool(
+        &app,
+        JobsConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..config()
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let running = pool.spawn(shutdown.clone());
+    let completed = |id: uuid::Uuid| {
+        let app = &app;
+        let token = &t.viewer;
+        async move { job(app, token, id).await["state"] == "completed" }
+    };
+
+    // The first job may be found by the pool's look at start (when its listener connects); once
+    // it has run, that look is over, and the next ones are found only by being woken.
+    for label in ["first", "in a transaction"] {
+        let done = enqueue(
+            &db,
+            &t.id,
+            &Halves {
+                label: label.into(),
+            },
+            Enqueue::default(),
+        )
+        .await;
+        assert!(!done.wake.is_empty(), "a job due now has a queue to wake");
+        eventually(Duration::from_secs(10), label, || completed(done.id)).await;
+    }
+    let alone = jobs::enqueue_alone(
+        &db,
+        tenant,
+        &Halves {
+            label: "alone".into(),
+        },
+        Enqueue::default(),
+    )
+    .await
+    .expect("enqueue alone");
+    eventually(Duration::from_secs(10), "alone", || completed(alone.id)).await;
+
+    // A delayed job wakes nobody: it is due later, when the pools' own poll finds it.
+    let mut tx = scope::begin(db.primary(), tenant).await.unwrap();
+    let later = jobs::enqueue(
+        &mut tx,
+        tenant,
+        &Halves {
+            label: "later".into(),
+        },
+        Enqueue {
+            run_at: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+            ..Enqueue::default()
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(later.wake.is_empty());
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), running)

@@ -836,7 +836,9 @@ async fn a_long_reply_is_split_within_telegrams_limit() {
         .await;
     }
     say(&app, 1201, "/policies").await;
+    // The parts are sent one after another: wait for the first policy's and the last one's.
     bot.wait_for(1201, "00 policy").await;
+    bot.wait_for(1201, "39 policy").await;
     let parts: Vec<String> = bot
         .sent_to(1201)
         .into_iter()
