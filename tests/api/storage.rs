@@ -108,8 +108,13 @@ async fn behaves(storage: Arc<dyn Storage>) {
     assert_eq!(head.tags["kind"], "report");
     assert_eq!(read_all(s, &report, None).await, data);
 
-    // Ranged reads.
+    // Ranged reads, one of them across 1 MiB boundaries (a read unit of the local backend).
     assert_eq!(read_all(s, &report, Some(10..20)).await, data[10..20]);
+    let mib = 1024 * 1024;
+    assert_eq!(
+        read_all(s, &report, Some(mib as u64 - 3..2 * mib as u64 + 5)).await,
+        data[mib - 3..2 * mib + 5]
+    );
     let len = data.len() as u64;
     assert_eq!(
         read_all(s, &report, Some(len - 5..len + 100)).await,
@@ -257,6 +262,29 @@ async fn the_memory_backend_behaves() {
 async fn the_local_backend_behaves() {
     let root = tempdir();
     behaves(Arc::new(LocalStorage::open(&root).await.expect("open"))).await;
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn the_local_backend_streams_an_object_past_its_writeback_and_read_ahead_steps() {
+    // 40 MiB and a bit: writeback is started twice while it arrives (every 16 MiB), and a read
+    // of it runs chunks ahead; odd-sized chunks in, so no boundary lines up.
+    let root = tempdir();
+    let s = LocalStorage::open(&root).await.expect("open");
+    let big = path(tenant(1), "exports/big.bin");
+    let data = pattern(40 * 1024 * 1024 + 12_345);
+    let meta = s
+        .put(&big, chunked(data.clone(), 300_007), PutOptions::default())
+        .await
+        .expect("put");
+    assert_eq!(meta.size, data.len() as u64);
+    assert_eq!(meta.sha256, Some(sha256_hex(&data)));
+    assert!(read_all(&s, &big, None).await == data, "the whole object");
+    let (from, to) = (17 * 1024 * 1024 - 1, 33 * 1024 * 1024 + 2);
+    assert!(
+        read_all(&s, &big, Some(from as u64..to as u64)).await == data[from..to],
+        "a range across read units"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
