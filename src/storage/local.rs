@@ -14,8 +14,9 @@
 //! Speed: while a body arrives, the disk is asked to start writing what has been received every
 //! [`WRITEBACK_STEP`] (on Linux, `sync_file_range`), so receiving and writing overlap and the final
 //! fsync waits only for the tail, not for the whole object sitting in the page cache. A get reads
-//! with positional reads [`READ_AHEAD`] chunks ahead of what is being sent, so the disk and the
-//! socket work at the same time.
+//! the file in order, one read at a time (so the kernel's readahead sees a sequential reader;
+//! parallel reads of one file were less than half as fast from a cold cache here), up to
+//! [`READ_AHEAD`] chunks ahead of what is being sent, so the disk and the socket work at once.
 
 use std::ffi::OsString;
 use std::io::SeekFrom;
@@ -47,8 +48,8 @@ const OBJECT_SUFFIX: char = '\\';
 const CHUNK: usize = 1024 * 1024;
 /// An upload starts the writeback of what it received each time this much more has arrived.
 const WRITEBACK_STEP: u64 = 16 * 1024 * 1024;
-/// Chunks a get reads ahead of the one being sent.
-const READ_AHEAD: usize = 3;
+/// Chunks a get holds ready ahead of the one being sent.
+const READ_AHEAD: usize = 2;
 /// A temp file not written to for this long belongs to an upload that will never finish.
 pub const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
@@ -391,13 +392,25 @@ impl Storage for LocalStorage {
             // An object's file never changes once in place (a replacement is a new file renamed
             // over it), so positional reads of this handle see one version throughout.
             let file = Arc::new(f.into_std().await);
-            let end = range.end;
-            let body = futures::stream::iter((range.start..end).step_by(CHUNK))
-                .map(move |at| {
+            let (chunks, ready) = tokio::sync::mpsc::channel(READ_AHEAD);
+            let (start, end) = (range.start, range.end);
+            // The reader waits (holding no thread) while the client is slow, and stops when the
+            // body is dropped.
+            tokio::spawn(async move {
+                let mut at = start;
+                while at < end {
                     let len = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-                    read_chunk(file.clone(), at, len)
-                })
-                .buffered(READ_AHEAD);
+                    let chunk = read_chunk(file.clone(), at, len).await;
+                    let failed = chunk.is_err();
+                    if chunks.send(chunk).await.is_err() || failed {
+                        return;
+                    }
+                    at += len as u64;
+                }
+            });
+            let body = futures::stream::unfold(ready, |mut ready| async move {
+                ready.recv().await.map(|chunk| (chunk, ready))
+            });
             Ok(GetResult {
                 meta,
                 range,
