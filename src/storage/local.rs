@@ -7,8 +7,9 @@
 //!
 //! A put streams the body into a new file in `.tmp/` (constant memory, hashing as it goes), writes
 //! the trailer, fsyncs the file, renames it into place (or links it, when it must not replace an
-//! object) and fsyncs the directory: readers see the old object or the whole new one, never a part,
-//! and a crash leaves at most a temp file, which [`LocalStorage::open`] removes at the next start.
+//! object) and fsyncs the directory (and the ones above it, when the put created directories):
+//! readers see the old object or the whole new one, never a part, and a crash leaves at most a
+//! temp file, which [`LocalStorage::open`] removes at the next start.
 //! Symbolic links are never followed: a path through one is refused.
 //!
 //! Speed: while a body arrives, the disk is asked to start writing what has been received every
@@ -213,7 +214,9 @@ impl LocalStorage {
             .parent()
             .ok_or_else(|| StorageError::Backend("object path has no parent".into()))?;
         // A concurrent delete may remove an emptied directory between creating and renaming.
+        let mut created_dirs = false;
         for attempt in 0..3 {
+            created_dirs |= fs::symlink_metadata(parent).await.is_err();
             fs::create_dir_all(parent).await.map_err(|e| {
                 StorageError::Backend(format!(
                     "cannot create {}: {e} (is a prefix of this key an object's name?)",
@@ -239,6 +242,15 @@ impl LocalStorage {
             }
         }
         File::open(parent).await?.sync_all().await?;
+        if created_dirs {
+            // The new directories' own entries must be durable too, or a crash could take the
+            // object with them: fsync each directory above the object's, up to the objects root.
+            let mut dir = parent.parent();
+            while let Some(d) = dir.filter(|d| d.starts_with(&self.objects)) {
+                File::open(d).await?.sync_all().await?;
+                dir = d.parent();
+            }
+        }
         Ok(())
     }
 
