@@ -182,7 +182,7 @@ pub struct Enqueue<'a> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[must_use = "wake the pools once the transaction commits (`enqueued.wake.after_commit(&db)`)"]
+#[must_use = "a job enqueued in a transaction wakes its pools after the commit: `enqueued.wake.after_commit(&db)`"]
 pub struct Enqueued {
     pub id: Uuid,
     /// `false` when the idempotency key was already used and nothing was written.
