@@ -178,14 +178,23 @@ fn every_command_has_help() {
     }
 }
 
+/// `cybernetic healthcheck ARGS` with `env`, off the test's runtime (it blocks).
+async fn healthcheck(env: Vec<(&'static str, String)>, args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut all = vec!["healthcheck"];
+        all.extend(args.iter().map(String::as_str));
+        cybernetic(&env, &all)
+    })
+    .await
+    .expect("join")
+}
+
 #[tokio::test]
 async fn healthcheck_passes_only_while_the_server_is_ready() {
     let app = crate::helpers::TestApp::spawn().await;
     let ready = format!("http://{}/health/ready", app.addr);
-    let out =
-        tokio::task::spawn_blocking(move || cybernetic(&[], &["healthcheck", "--url", &ready]))
-            .await
-            .expect("join");
+    let out = healthcheck(vec![], vec!["--url".into(), ready]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -194,11 +203,7 @@ async fn healthcheck_passes_only_while_the_server_is_ready() {
 
     // LISTEN_ADDR on every interface is asked on loopback.
     let listen = format!("0.0.0.0:{}", app.addr.port());
-    let out = tokio::task::spawn_blocking(move || {
-        cybernetic(&[("LISTEN_ADDR", listen.as_str())], &["healthcheck"])
-    })
-    .await
-    .expect("join");
+    let out = healthcheck(vec![("LISTEN_ADDR", listen)], vec![]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -209,11 +214,11 @@ async fn healthcheck_passes_only_while_the_server_is_ready() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}/health/ready", closed.local_addr().expect("addr"));
     drop(closed);
-    let out = tokio::task::spawn_blocking(move || {
-        cybernetic(&[], &["healthcheck", "--url", &url, "--timeout", "1s"])
-    })
-    .await
-    .expect("join");
+    let out = healthcheck(
+        vec![],
+        vec!["--url".into(), url, "--timeout".into(), "1s".into()],
+    )
+    .await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("health/ready"));
 }

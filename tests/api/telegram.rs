@@ -159,6 +159,12 @@ impl FakeBot {
     }
 }
 
+/// Whether the tenant's first linked chat is active, as `GET /v1/telegram/chats` shows it.
+async fn first_chat_active(app: &TestApp, admin: &str) -> Option<bool> {
+    let chats = expect_json(app.get("/v1/telegram/chats", admin).await, StatusCode::OK).await;
+    chats["items"][0]["active"].as_bool()
+}
+
 fn options(bot: &FakeBot) -> Options {
     Options::default()
         .workers()
@@ -649,14 +655,7 @@ async fn a_429_is_waited_out_and_a_403_deactivates_the_chat() {
     eventually(
         Duration::from_secs(20),
         "the chat marked inactive",
-        || async {
-            let chats = expect_json(
-                app.get("/v1/telegram/chats", &t.admin).await,
-                StatusCode::OK,
-            )
-            .await;
-            chats["items"][0]["active"] == false
-        },
+        || async { first_chat_active(&app, &t.admin).await == Some(false) },
     )
     .await;
     let failed = expect_json(
@@ -689,12 +688,7 @@ async fn a_429_is_waited_out_and_a_403_deactivates_the_chat() {
     bot.unblock(1001);
     say(&app, 1001, "/whoami").await;
     eventually(Duration::from_secs(20), "the chat active again", || async {
-        let chats = expect_json(
-            app.get("/v1/telegram/chats", &t.admin).await,
-            StatusCode::OK,
-        )
-        .await;
-        chats["items"][0]["active"] == true
+        first_chat_active(&app, &t.admin).await == Some(true)
     })
     .await;
     expect_problem(
