@@ -76,29 +76,28 @@ pub async fn insert(
     Ok((existing.0, false))
 }
 
-/// [`insert`] as a statement of its own (`enqueue_job`, migrations 000006 and 000010): it runs
-/// outside any transaction and commits by itself, in one round trip; the pools are woken after
-/// the commit by the [`Db`](super::Db)'s waker.
+/// [`insert`] committed on its own, outside any transaction: concurrent calls of one process are
+/// inserted by one statement that commits once (`enqueue_jobs`, migration 000012; see
+/// [`super::enqueuer`]). The pools are woken after the commit by the [`Db`](super::Db)'s waker.
 #[tracing::instrument(skip_all, fields(kind = job.kind))]
 pub async fn insert_alone(
     db: &super::Db,
     tenant: TenantId,
     job: &NewJob<'_>,
 ) -> DbResult<(Uuid, bool)> {
-    let (id, created): (Uuid, bool) =
-        sqlx::query_as("select * from enqueue_job($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-            .bind(tenant.as_uuid())
-            .bind(Uuid::now_v7())
-            .bind(job.kind)
-            .bind(job.queue.as_str())
-            .bind(job.priority)
-            .bind(job.args)
-            .bind(job.max_attempts)
-            .bind(job.run_at)
-            .bind(job.idempotency_key)
-            .fetch_one(db.primary())
-            .await?;
-    // Committed: wake the pools (migration 000010: the statement no longer notifies itself).
+    let (id, created) = db
+        .enqueuer()
+        .enqueue(super::enqueuer::QueuedJob {
+            tenant,
+            kind: job.kind.to_owned(),
+            queue: job.queue,
+            args: job.args.clone(),
+            priority: job.priority,
+            max_attempts: job.max_attempts,
+            run_at: job.run_at,
+            idempotency_key: job.idempotency_key.map(str::to_owned),
+        })
+        .await?;
     if created && job.run_at.is_none_or(|at| at <= chrono::Utc::now()) {
         db.wake_jobs(job.queue);
     }

@@ -4,6 +4,7 @@
 pub mod api_keys;
 pub mod artifacts;
 pub mod channels;
+pub mod enqueuer;
 pub mod episodes;
 pub mod events;
 pub mod health;
@@ -49,6 +50,35 @@ impl From<sqlx::Error> for DbError {
             };
         }
         Self::Sqlx(e)
+    }
+}
+
+impl DbError {
+    /// A failure that concerns the values written (class 22 data exceptions, class 23 integrity
+    /// violations): the statement was rolled back, and a batch's rows are worth trying one by
+    /// one. Anything else (the database unreachable, a commit whose outcome is unknown) is not.
+    pub fn concerns_data(&self) -> bool {
+        match self {
+            Self::Sqlx(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            Self::UniqueViolation { .. } => true,
+            Self::Sqlx(_) => false,
+        }
+    }
+
+    /// The same failure for another caller of one batch: a connection failure stays one (the
+    /// HTTP layer answers 503 for it), anything else keeps its description.
+    pub fn replicate(&self) -> Self {
+        match self {
+            Self::UniqueViolation { constraint } => Self::UniqueViolation {
+                constraint: constraint.clone(),
+            },
+            Self::Sqlx(e) if is_connection_error(e) => Self::Sqlx(sqlx::Error::Io(
+                std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e.to_string()),
+            )),
+            Self::Sqlx(e) => Self::Sqlx(sqlx::Error::Protocol(e.to_string())),
+        }
     }
 }
 
@@ -145,6 +175,8 @@ pub struct Db {
     direct: PgConnectOptions,
     /// Wakes the job pools after jobs committed outside a caller's transaction.
     waker: waker::JobWaker,
+    /// Commits concurrent standalone enqueues together.
+    enqueuer: enqueuer::Enqueuer,
 }
 
 #[derive(Clone)]
@@ -174,6 +206,7 @@ impl Db {
             .connect_lazy_with(direct.clone());
         Ok(Self {
             waker: waker::JobWaker::new(primary.clone()),
+            enqueuer: enqueuer::Enqueuer::new(primary.clone()),
             primary,
             replica,
             ops,
@@ -185,6 +218,11 @@ impl Db {
     /// [`waker`]).
     pub fn wake_jobs(&self, queue: crate::domain::job::Queue) {
         self.waker.wake(queue);
+    }
+
+    /// Commits concurrent standalone enqueues together (see [`enqueuer`]).
+    pub fn enqueuer(&self) -> &enqueuer::Enqueuer {
+        &self.enqueuer
     }
 
     pub fn ops(&self) -> &PgPool {

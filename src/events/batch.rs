@@ -174,19 +174,6 @@ impl Drop for DrainGuard {
     }
 }
 
-/// A failure that concerns the events themselves (a value the database refuses): the batch was
-/// rolled back, and each event is worth trying alone. Anything else (the database unreachable,
-/// a failed commit whose outcome is unknown) is answered as is, never retried.
-fn refused_data(e: &DbError) -> bool {
-    match e {
-        DbError::Sqlx(sqlx::Error::Database(db)) => db
-            .code()
-            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
-        DbError::UniqueViolation { .. } => true,
-        DbError::Sqlx(_) => false,
-    }
-}
-
 impl EventBus {
     /// Appends a client's event with the tenant's next batch and returns it once committed (and
     /// handed to subscribers).
@@ -239,7 +226,7 @@ impl EventBus {
                     let _ = pending.reply.send(Ok(event));
                 }
             }
-            Err(e) if batch.len() > 1 && refused_data(&e) => {
+            Err(e) if batch.len() > 1 && e.concerns_data() => {
                 tracing::debug!(error = %e, count = batch.len(), "event batch refused; appending one by one");
                 for (pending, item) in batch.into_iter().zip(items) {
                     let one = self.append(tenant, std::slice::from_ref(&item)).await;

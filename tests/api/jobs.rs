@@ -458,6 +458,80 @@ async fn enqueue_commits_and_rolls_back_with_its_transaction_and_keys_are_idempo
     tx.rollback().await.unwrap();
 }
 
+/// A kind the database refuses (its name breaks the jobs table's check): what a batch does with
+/// one bad job among good ones.
+#[derive(Serialize, Deserialize)]
+struct Misnamed;
+
+impl Job for Misnamed {
+    const KIND: &'static str = "Not-A-Kind";
+
+    async fn run(self, _ctx: JobContext) -> Result<Value, JobError> {
+        Ok(Value::Null)
+    }
+}
+
+#[tokio::test]
+async fn concurrent_standalone_enqueues_commit_together_and_each_gets_its_own_answer() {
+    let app = TestApp::spawn().await;
+    let (a, b) = (app.tenant("acme").await, app.tenant("globex").await);
+    let (_pool, db) = pool(&app, config());
+    let ids = [&a.id, &b.id].map(|id| TenantId::from_uuid(id.parse().unwrap()));
+
+    // 96 callers at once, alternating tenants: every fifth reuses its tenant's one key, every
+    // seventh is a kind the database refuses. They queue while the first batch commits and share
+    // the next commits.
+    let calls = (0..96usize).map(|i| {
+        let db = db.clone();
+        let tenant = ids[i % 2];
+        async move {
+            let how = Enqueue {
+                idempotency_key: (i % 5 == 0).then_some("nightly"),
+                ..Enqueue::default()
+            };
+            if i % 7 == 3 {
+                (i, jobs::enqueue_alone(&db, tenant, &Misnamed, how).await)
+            } else {
+                (i, jobs::enqueue_alone(&db, tenant, &Flaky, how).await)
+            }
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+
+    let mut keyed: [Vec<jobs::Enqueued>; 2] = [Vec::new(), Vec::new()];
+    let mut plain: [Vec<uuid::Uuid>; 2] = [Vec::new(), Vec::new()];
+    for (i, answer) in answers {
+        match answer {
+            Err(e) => assert!(i % 7 == 3, "call {i} failed: {e}"),
+            Ok(_) if i % 7 == 3 => panic!("call {i}, a kind the database refuses, was enqueued"),
+            Ok(done) if i % 5 == 0 => keyed[i % 2].push(done),
+            Ok(done) => {
+                assert!(done.created, "call {i} without a key created its job");
+                plain[i % 2].push(done.id);
+            }
+        }
+    }
+    for (tenant, token) in [(0, &a.viewer), (1, &b.viewer)] {
+        // One job per key and tenant: exactly one caller created it, the others got its id.
+        let keyed = &keyed[tenant];
+        assert_eq!(keyed.iter().filter(|e| e.created).count(), 1, "{keyed:?}");
+        assert!(keyed.iter().all(|e| e.id == keyed[0].id), "{keyed:?}");
+        // The tenant sees its own jobs, each once, and none of the other's.
+        let mut expected: Vec<String> = plain[tenant].iter().map(|id| id.to_string()).collect();
+        expected.push(keyed[0].id.to_string());
+        expected.sort();
+        let listed = expect_json(app.get("/v1/jobs?limit=100", token).await, StatusCode::OK).await;
+        let mut seen: Vec<String> = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_owned())
+            .collect();
+        seen.sort();
+        assert_eq!(seen, expected, "tenant {tenant}'s jobs");
+    }
+}
+
 #[tokio::test]
 async fn the_job_api_is_tenant_scoped() {
     let app = TestApp::spawn().await;
