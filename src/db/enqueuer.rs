@@ -7,8 +7,9 @@
 //! [`MAX_BATCH`]), inserts it, answers each caller, and goes on while more arrived meanwhile.
 //! Under light load a batch is one job; under load, callers that arrive while batches commit share
 //! the next commit, instead of each paying a statement and a flush of its own and queueing for the
-//! CPU and the WAL behind the others. Two batches may commit at once, so a caller arriving just
-//! after a batch started does not wait for all of that batch's commit before its own begins.
+//! CPU and the WAL behind the others. One batch commits at a time: with two at once, eight
+//! producers on two cores waited longer (p99 2.9 against 2.1 ms), each statement now competing
+//! with the other for the CPU.
 //!
 //! Each caller is answered only once its job is committed. A job whose caller has gone before its
 //! batch starts is dropped, never inserted. If the database refuses a batch of several for its
@@ -31,8 +32,8 @@ use super::{DbError, DbResult};
 
 /// Jobs inserted by one statement at most.
 pub const MAX_BATCH: usize = 256;
-/// Batches committing at once at most.
-pub const MAX_DRAINS: usize = 2;
+/// Batches committing at once at most (see above).
+pub const MAX_DRAINS: usize = 1;
 
 /// One job waiting for its batch, owned so it can outlive the caller's borrow.
 #[derive(Debug, Clone)]
