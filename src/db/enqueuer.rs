@@ -1,6 +1,8 @@
-//! Group commit for standalone enqueues ([`crate::jobs::enqueue_alone`]): jobs that belong to no
-//! other write, enqueued by concurrent callers of one process, are inserted together by one
-//! statement that commits once (`enqueue_jobs`, migration 000012).
+//! Group commit for standalone enqueues ([`crate::jobs::enqueue_alone`]): jobs without an
+//! idempotency key that belong to no other write, enqueued by concurrent callers of one process,
+//! are inserted together by one statement that commits once (`enqueue_jobs`, migration 000012).
+//! A job with a key is inserted on its own ([`super::jobs::insert_alone`]): its insert may wait
+//! for another transaction holding the same key, and must not make the others wait with it.
 //!
 //! A caller that finds fewer than [`MAX_DRAINS`] batches committing starts a drain task, and waits
 //! for its answer like every other caller. A drain task takes everything waiting (up to
@@ -46,13 +48,12 @@ pub struct QueuedJob {
     pub max_attempts: i32,
     /// `None`: due now.
     pub run_at: Option<DateTime<Utc>>,
-    pub idempotency_key: Option<String>,
 }
 
 struct Pending {
     id: Uuid,
     job: QueuedJob,
-    reply: oneshot::Sender<DbResult<(Uuid, bool)>>,
+    reply: oneshot::Sender<DbResult<Uuid>>,
 }
 
 #[derive(Default)]
@@ -82,10 +83,9 @@ impl Enqueuer {
         }
     }
 
-    /// Inserts `job` with the jobs of the next batch; returns its id and whether it was created
-    /// (`false`: its idempotency key was used already, and the id is the existing job's) once the
-    /// batch has committed.
-    pub async fn enqueue(&self, job: QueuedJob) -> DbResult<(Uuid, bool)> {
+    /// Inserts `job` with the jobs of the next batch; returns its id once the batch has
+    /// committed.
+    pub async fn enqueue(&self, job: QueuedJob) -> DbResult<Uuid> {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut state = self.inner.lock();
@@ -102,8 +102,13 @@ impl Enqueuer {
         };
         if start {
             // A task of its own: a caller that goes away (its request cancelled) never strands
-            // the jobs of others.
-            tokio::spawn(drain(self.inner.clone()));
+            // the jobs of others. The guard exists before the task does, so a task dropped
+            // before it first runs still ends its drain.
+            let guard = DrainGuard {
+                inner: self.inner.clone(),
+                finished: false,
+            };
+            tokio::spawn(drain(guard));
         }
         answer.await.unwrap_or_else(|_| {
             Err(DbError::Sqlx(sqlx::Error::Protocol(
@@ -133,8 +138,9 @@ impl Inner {
     }
 }
 
-/// Ends a drain whose task stops without finishing (a panic): if no other drain is left, the
-/// callers still waiting get an error instead of hanging; the next enqueue starts a new drain.
+/// Ends a drain whose task stops without finishing (a panic, or the task dropped before it ran):
+/// if no other drain is left, the callers still waiting get an error instead of hanging; the next
+/// enqueue starts a new drain.
 struct DrainGuard {
     inner: Arc<Inner>,
     finished: bool,
@@ -153,11 +159,7 @@ impl Drop for DrainGuard {
     }
 }
 
-async fn drain(inner: Arc<Inner>) {
-    let mut guard = DrainGuard {
-        inner,
-        finished: false,
-    };
+async fn drain(mut guard: DrainGuard) {
     while let Some(batch) = guard.inner.next_batch() {
         commit(&guard.inner.pool, batch).await;
     }
@@ -168,18 +170,16 @@ async fn drain(inner: Arc<Inner>) {
 async fn commit(pool: &PgPool, batch: Vec<Pending>) {
     let rows: Vec<(Uuid, &QueuedJob)> = batch.iter().map(|p| (p.id, &p.job)).collect();
     match insert(pool, &rows).await {
-        Ok(results) => {
-            for (pending, result) in batch.into_iter().zip(results) {
-                let _ = pending.reply.send(result);
+        Ok(()) => {
+            for pending in batch {
+                let _ = pending.reply.send(Ok(pending.id));
             }
         }
         Err(e) if batch.len() > 1 && e.concerns_data() => {
             tracing::debug!(error = %e, count = batch.len(), "enqueue batch refused; inserting one by one");
             for pending in batch {
-                let one = insert(pool, &[(pending.id, &pending.job)])
-                    .await
-                    .and_then(|mut one| one.pop().unwrap_or(Err(missing())));
-                let _ = pending.reply.send(one);
+                let one = insert(pool, &[(pending.id, &pending.job)]).await;
+                let _ = pending.reply.send(one.map(|()| pending.id));
             }
         }
         Err(e) => {
@@ -197,15 +197,8 @@ async fn commit(pool: &PgPool, batch: Vec<Pending>) {
     }
 }
 
-fn missing() -> DbError {
-    DbError::Sqlx(sqlx::Error::RowNotFound)
-}
-
-/// One `enqueue_jobs` call: a result per row, in the rows' order.
-async fn insert(
-    pool: &PgPool,
-    rows: &[(Uuid, &QueuedJob)],
-) -> DbResult<Vec<DbResult<(Uuid, bool)>>> {
+/// One `enqueue_jobs` call: the rows inserted and committed together, or none of them.
+async fn insert(pool: &PgPool, rows: &[(Uuid, &QueuedJob)]) -> DbResult<()> {
     let tenants: Vec<Uuid> = rows.iter().map(|(_, j)| j.tenant.as_uuid()).collect();
     let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
     let kinds: Vec<&str> = rows.iter().map(|(_, j)| j.kind.as_str()).collect();
@@ -214,35 +207,22 @@ async fn insert(
     let args: Vec<&Value> = rows.iter().map(|(_, j)| &j.args).collect();
     let max_attempts: Vec<i32> = rows.iter().map(|(_, j)| j.max_attempts).collect();
     let run_at: Vec<Option<DateTime<Utc>>> = rows.iter().map(|(_, j)| j.run_at).collect();
-    let keys: Vec<Option<&str>> = rows
-        .iter()
-        .map(|(_, j)| j.idempotency_key.as_deref())
-        .collect();
-    let returned: Vec<(i32, Option<Uuid>, bool)> = sqlx::query_as(
-        "select job_index, job_id, job_created from enqueue_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(&tenants)
-    .bind(&ids)
-    .bind(&kinds)
-    .bind(&queues)
-    .bind(&priorities)
-    .bind(&args)
-    .bind(&max_attempts)
-    .bind(&run_at)
-    .bind(&keys)
-    .fetch_all(pool)
-    .await?;
-    let mut results: Vec<DbResult<(Uuid, bool)>> = rows.iter().map(|_| Err(missing())).collect();
-    for (index, id, created) in returned {
-        // An existing job gone between the conflict and its lookup (pruned meanwhile) leaves no
-        // id: that caller gets an error.
-        let slot = usize::try_from(index)
-            .ok()
-            .and_then(|i| i.checked_sub(1))
-            .and_then(|i| results.get_mut(i));
-        if let (Some(slot), Some(id)) = (slot, id) {
-            *slot = Ok((id, created));
-        }
+    let (inserted,): (i32,) = sqlx::query_as("select enqueue_jobs($1, $2, $3, $4, $5, $6, $7, $8)")
+        .bind(&tenants)
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&queues)
+        .bind(&priorities)
+        .bind(&args)
+        .bind(&max_attempts)
+        .bind(&run_at)
+        .fetch_one(pool)
+        .await?;
+    if usize::try_from(inserted).ok() != Some(rows.len()) {
+        return Err(DbError::Sqlx(sqlx::Error::Protocol(format!(
+            "enqueue_jobs inserted {inserted} of {} jobs",
+            rows.len()
+        ))));
     }
-    Ok(results)
+    Ok(())
 }

@@ -76,28 +76,46 @@ pub async fn insert(
     Ok((existing.0, false))
 }
 
-/// [`insert`] committed on its own, outside any transaction: concurrent calls of one process are
-/// inserted by one statement that commits once (`enqueue_jobs`, migration 000012; see
-/// [`super::enqueuer`]). The pools are woken after the commit by the [`Db`](super::Db)'s waker.
+/// [`insert`] committed on its own, outside any transaction. Concurrent calls of one process for
+/// jobs without an idempotency key are inserted by one statement that commits once
+/// (`enqueue_jobs`, migration 000012; see [`super::enqueuer`]); a job with a key is one statement
+/// of its own (`enqueue_job`, migrations 000006 and 000010), since its insert may wait for another
+/// transaction holding the same key. The pools are woken after the commit by the
+/// [`Db`](super::Db)'s waker.
 #[tracing::instrument(skip_all, fields(kind = job.kind))]
 pub async fn insert_alone(
     db: &super::Db,
     tenant: TenantId,
     job: &NewJob<'_>,
 ) -> DbResult<(Uuid, bool)> {
-    let (id, created) = db
-        .enqueuer()
-        .enqueue(super::enqueuer::QueuedJob {
-            tenant,
-            kind: job.kind.to_owned(),
-            queue: job.queue,
-            args: job.args.clone(),
-            priority: job.priority,
-            max_attempts: job.max_attempts,
-            run_at: job.run_at,
-            idempotency_key: job.idempotency_key.map(str::to_owned),
-        })
-        .await?;
+    let (id, created) = match job.idempotency_key {
+        None => {
+            let queued = super::enqueuer::QueuedJob {
+                tenant,
+                kind: job.kind.to_owned(),
+                queue: job.queue,
+                args: job.args.clone(),
+                priority: job.priority,
+                max_attempts: job.max_attempts,
+                run_at: job.run_at,
+            };
+            (db.enqueuer().enqueue(queued).await?, true)
+        }
+        Some(key) => {
+            sqlx::query_as("select * from enqueue_job($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                .bind(tenant.as_uuid())
+                .bind(Uuid::now_v7())
+                .bind(job.kind)
+                .bind(job.queue.as_str())
+                .bind(job.priority)
+                .bind(job.args)
+                .bind(job.max_attempts)
+                .bind(job.run_at)
+                .bind(key)
+                .fetch_one(db.primary())
+                .await?
+        }
+    };
     if created && job.run_at.is_none_or(|at| at <= chrono::Utc::now()) {
         db.wake_jobs(job.queue);
     }

@@ -248,7 +248,8 @@ pub async fn enqueue<J: Job>(
 }
 
 /// Enqueues `job` for `tenant` on its own, committed when this returns: for a job that belongs to
-/// no other write. One round trip to the database.
+/// no other write. Concurrent calls for jobs without an idempotency key share one statement and
+/// one commit ([`crate::db::enqueuer`]).
 pub async fn enqueue_alone<J: Job>(
     db: &Db,
     tenant: TenantId,
