@@ -1,8 +1,8 @@
 //! The job pool: per queue, a runner that claims due jobs in batches (starting claimed jobs while
 //! the next claim is in flight) and runs up to the queue's concurrency at once; one finisher that
-//! records outcomes in batches, two at a time; a heartbeat that renews the
-//! leases of held jobs and stops those cancelled meanwhile; a rescue pass that hands back jobs
-//! whose worker died; a listener that wakes a queue when a job is enqueued.
+//! records outcomes in batches, two at a time; a heartbeat that renews the leases of held jobs
+//! and stops those cancelled meanwhile; a rescue pass that hands back jobs whose worker died; a
+//! listener that wakes a queue when a job is enqueued.
 //!
 //! Nothing depends on a notification arriving: every queue also looks for due jobs each
 //! `JOB_POLL_INTERVAL`, which is what brings delayed jobs and retries in, and a notification that
