@@ -407,10 +407,13 @@ impl Inner {
         }
         // A claim in flight when the pool stops is awaited, so the jobs it took are handed back
         // with the others instead of waiting for their leases to expire.
-        if let Some(claim) = claiming.take()
-            && let (_, Ok(claimed)) = claim.await
-        {
-            waiting.extend(claimed);
+        if let Some(claim) = claiming.take() {
+            match claim.await {
+                (_, Ok(claimed)) => waiting.extend(claimed),
+                (_, Err(e)) => {
+                    tracing::warn!(queue = queue.as_str(), error = %e, "the last claim failed while stopping");
+                }
+            }
         }
         self.drain(queue, waiting, running, running_ids, done).await;
     }
@@ -510,10 +513,13 @@ impl Inner {
         received: Vec<(Uuid, Option<Outcome>)>,
         shutdown: CancellationToken,
     ) {
-        let outcomes: Vec<(Uuid, Outcome)> = received
+        let mut outcomes: Vec<(Uuid, Outcome)> = received
             .iter()
             .filter_map(|(id, o)| o.clone().map(|o| (*id, o)))
             .collect();
+        // finish_jobs updates the rows in this order; the heartbeat locks the same rows in id
+        // order (migration 000013), so neither waits for the other in a cycle.
+        outcomes.sort_unstable_by_key(|(id, _)| *id);
         let mut wait = Duration::from_millis(50);
         let mut stopping_since: Option<Instant> = None;
         while !outcomes.is_empty() {
