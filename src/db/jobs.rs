@@ -46,7 +46,7 @@ pub async fn insert(
     tenant: TenantId,
     job: &NewJob<'_>,
 ) -> DbResult<(Uuid, bool)> {
-    let created: Option<(Uuid,)> = sqlx::query_as(
+    let query = sqlx::query_as(
         "insert into jobs (id, tenant_id, kind, queue, priority, args, max_attempts, run_at,
                            idempotency_key)
          values ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9)
@@ -54,16 +54,11 @@ pub async fn insert(
          returning id",
     )
     .bind(Uuid::now_v7())
-    .bind(tenant.as_uuid())
-    .bind(job.kind)
-    .bind(job.queue.as_str())
-    .bind(job.priority)
-    .bind(job.args)
-    .bind(job.max_attempts)
-    .bind(job.run_at)
-    .bind(job.idempotency_key)
-    .fetch_optional(&mut *conn)
-    .await?;
+    .bind(tenant.as_uuid());
+    let created: Option<(Uuid,)> = bind_fields(query, job)
+        .bind(job.idempotency_key)
+        .fetch_optional(&mut *conn)
+        .await?;
     if let Some((id,)) = created {
         return Ok((id, true));
     }
@@ -74,6 +69,21 @@ pub async fn insert(
             .fetch_one(&mut *conn)
             .await?;
     Ok((existing.0, false))
+}
+
+/// Binds a job's fields in the order both enqueue statements take them after its id and tenant:
+/// kind, queue, priority, args, max attempts, run at.
+fn bind_fields<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    job: &NewJob<'q>,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    query
+        .bind(job.kind)
+        .bind(job.queue.as_str())
+        .bind(job.priority)
+        .bind(job.args)
+        .bind(job.max_attempts)
+        .bind(job.run_at)
 }
 
 /// [`insert`] committed on its own, outside any transaction. Concurrent calls of one process for
@@ -102,15 +112,11 @@ pub async fn insert_alone(
             (db.enqueuer().enqueue(queued).await?, true)
         }
         Some(key) => {
-            sqlx::query_as("select * from enqueue_job($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-                .bind(tenant.as_uuid())
-                .bind(Uuid::now_v7())
-                .bind(job.kind)
-                .bind(job.queue.as_str())
-                .bind(job.priority)
-                .bind(job.args)
-                .bind(job.max_attempts)
-                .bind(job.run_at)
+            let query =
+                sqlx::query_as("select * from enqueue_job($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                    .bind(tenant.as_uuid())
+                    .bind(Uuid::now_v7());
+            bind_fields(query, job)
                 .bind(key)
                 .fetch_one(db.primary())
                 .await?
