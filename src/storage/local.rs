@@ -7,7 +7,8 @@
 //!
 //! A put streams the body into a new file in `.tmp/` (constant memory, hashing as it goes), writes
 //! the trailer, fsyncs the file, renames it into place (or links it, when it must not replace an
-//! object) and fsyncs the directory (and the ones above it, when the put created directories):
+//! object) and fsyncs the directory (and the ones above it, when the put created directories or
+//! found ones that another put created and has not fsynced yet):
 //! readers see the old object or the whole new one, never a part, and a crash leaves at most a
 //! temp file, which [`LocalStorage::open`] removes at the next start.
 //! Symbolic links are never followed: a path through one is refused.
@@ -21,12 +22,13 @@
 //! [`PREFETCH_WINDOW`] of the file into the page cache meanwhile (on Linux,
 //! `posix_fadvise(WILLNEED)`), so the disk keeps reading while the socket sends.
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::SeekFrom;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -37,8 +39,8 @@ use tokio::fs::{self, File};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use super::{
-    ByteStream, GetResult, ListPage, ObjectMeta, PutOptions, Storage, StorageError, StoragePath,
-    fit_range,
+    ByteStream, GetResult, ListPage, Listed, ObjectMeta, PutOptions, Storage, StorageError,
+    StoragePath, fit_range,
 };
 
 const MAGIC: &[u8; 8] = b"CYBOBJ\x00\x01";
@@ -65,6 +67,12 @@ pub const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(15 
 pub struct LocalStorage {
     objects: PathBuf,
     tmp: PathBuf,
+    /// Directories a put of this process created whose entries may not be on disk yet (marked
+    /// before they are created, cleared once the directories above them were fsynced). A put
+    /// that finds its directory already there, but made by a put still in progress, fsyncs the
+    /// directories above as well: otherwise it could answer before the entry that leads to its
+    /// object is durable.
+    unsynced: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl LocalStorage {
@@ -101,7 +109,32 @@ impl LocalStorage {
         if removed > 0 {
             tracing::info!(removed, "removed uploads left unfinished by an earlier run");
         }
-        Ok(Self { objects, tmp })
+        Ok(Self {
+            objects,
+            tmp,
+            unsynced: Arc::default(),
+        })
+    }
+
+    fn unsynced(&self) -> MutexGuard<'_, HashSet<PathBuf>> {
+        // A set of paths; a panic elsewhere cannot leave it half-updated.
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The directories from `dir` up that do not exist yet, below the objects root.
+    async fn missing_dirs(&self, dir: &Path) -> Vec<PathBuf> {
+        let mut missing = Vec::new();
+        let mut at = Some(dir);
+        while let Some(d) = at.filter(|d| d.starts_with(&self.objects) && *d != self.objects) {
+            if fs::symlink_metadata(d).await.is_ok() {
+                break;
+            }
+            missing.push(d.to_path_buf());
+            at = d.parent();
+        }
+        missing
     }
 
     fn file(&self, path: &StoragePath) -> PathBuf {
@@ -221,9 +254,11 @@ impl LocalStorage {
             .parent()
             .ok_or_else(|| StorageError::Backend("object path has no parent".into()))?;
         // A concurrent delete may remove an emptied directory between creating and renaming.
-        let mut created_dirs = false;
+        let mut created = Vec::new();
         for attempt in 0..3 {
-            created_dirs |= fs::symlink_metadata(parent).await.is_err();
+            let missing = self.missing_dirs(parent).await;
+            self.unsynced().extend(missing.iter().cloned());
+            created.extend(missing);
             fs::create_dir_all(parent).await.map_err(|e| {
                 StorageError::Backend(format!(
                     "cannot create {}: {e} (is a prefix of this key an object's name?)",
@@ -249,13 +284,22 @@ impl LocalStorage {
             }
         }
         File::open(parent).await?.sync_all().await?;
-        if created_dirs {
-            // The new directories' own entries must be durable too, or a crash could take the
-            // object with them: fsync each directory above the object's, up to the objects root.
+        let fresh = !created.is_empty() || {
+            let unsynced = self.unsynced();
+            parent.ancestors().any(|d| unsynced.contains(d))
+        };
+        if fresh {
+            // New directories' own entries must be durable too, or a crash could take the object
+            // with them: fsync each directory above the object's, up to the objects root.
             let mut dir = parent.parent();
             while let Some(d) = dir.filter(|d| d.starts_with(&self.objects)) {
                 File::open(d).await?.sync_all().await?;
                 dir = d.parent();
+            }
+            // Left marked if this put failed before here: later puts below them sync the way up.
+            let mut unsynced = self.unsynced();
+            for d in &created {
+                unsynced.remove(d);
             }
         }
         Ok(())
@@ -275,29 +319,68 @@ impl LocalStorage {
         }
     }
 
-    /// Every object path under `dir`, depth first.
-    async fn walk(&self, dir: PathBuf, out: &mut Vec<String>) -> Result<(), StorageError> {
-        let mut stack = vec![dir];
-        while let Some(dir) = stack.pop() {
+    /// Up to `want` object paths under `dir` that start with `prefix` and sort after `after`, in
+    /// byte order. Directories are read one at a time, smallest name first, and only those that
+    /// can hold such a path: a page costs the directories on its way, not the whole tree.
+    ///
+    /// Depth first with one stack gives byte order because an entry's key is its object path
+    /// (a file) or its path and a `/` (a directory): siblings' keys are never prefixes of one
+    /// another except a file's of a directory's of the same name, and a file has nothing under
+    /// it, so everything under a key sorts between it and the next sibling's.
+    async fn walk(
+        &self,
+        dir: PathBuf,
+        prefix: &str,
+        after: Option<&str>,
+        want: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        let mut out = Vec::new();
+        // (key, directory to read): popped smallest key first.
+        let mut stack: Vec<(String, Option<PathBuf>)> = vec![(String::new(), Some(dir))];
+        while let Some((key, dir)) = stack.pop() {
+            let Some(dir) = dir else {
+                out.push(key);
+                if out.len() >= want {
+                    break;
+                }
+                continue;
+            };
             let mut entries = match fs::read_dir(&dir).await {
                 Ok(entries) => entries,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e.into()),
             };
+            let mut children = Vec::new();
             while let Some(entry) = entries.next_entry().await? {
                 let kind = entry.file_type().await?;
+                let path = entry.path();
+                let Some(rel) = path
+                    .strip_prefix(&self.objects)
+                    .ok()
+                    .and_then(|rel| rel.to_str())
+                else {
+                    continue;
+                };
                 if kind.is_dir() {
-                    stack.push(entry.path());
+                    let key = format!("{rel}/");
+                    // Something under `key` can start with the prefix and sort after `after`.
+                    let in_prefix = key.starts_with(prefix) || prefix.starts_with(&key);
+                    let past = after.is_none_or(|a| key.as_str() > a || a.starts_with(&key));
+                    if in_prefix && past {
+                        children.push((key, Some(path)));
+                    }
                 } else if kind.is_file()
-                    && let Ok(rel) = entry.path().strip_prefix(&self.objects)
-                    && let Some(rel) = rel.to_str()
-                    && let Some(path) = rel.strip_suffix(OBJECT_SUFFIX)
+                    && let Some(object) = rel.strip_suffix(OBJECT_SUFFIX)
+                    && object.starts_with(prefix)
+                    && after.is_none_or(|a| object > a)
                 {
-                    out.push(path.to_owned());
+                    children.push((object.to_owned(), None));
                 }
             }
+            children.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            stack.extend(children);
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -518,12 +601,24 @@ impl Storage for LocalStorage {
                 None => self.objects.clone(),
             };
             self.no_links(&dir).await?;
-            let mut paths = Vec::new();
-            self.walk(dir, &mut paths).await?;
-            paths
-                .retain(|p| p.starts_with(prefix.as_str()) && after.is_none_or(|a| p.as_str() > a));
-            paths.sort_unstable();
-            super::page_of(self, paths, limit).await
+            let mut paths = self
+                .walk(dir, prefix.as_str(), after, limit.saturating_add(1))
+                .await?;
+            let more = paths.len() > limit;
+            paths.truncate(limit);
+            let mut items = Vec::with_capacity(paths.len());
+            for path in &paths {
+                match self.head(&StoragePath::raw(path)).await {
+                    Ok(meta) => items.push(Listed::from(&meta)),
+                    // Deleted since the walk.
+                    Err(StorageError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(ListPage {
+                next: more.then(|| paths.last().cloned()).flatten(),
+                items,
+            })
         })
     }
 }

@@ -12,8 +12,8 @@ use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ByteStream, GetResult, ListPage, ObjectMeta, PutOptions, Storage, StorageError, StoragePath,
-    fit_range,
+    ByteStream, GetResult, ListPage, Listed, ObjectMeta, PutOptions, Storage, StorageError,
+    StoragePath, fit_range,
 };
 
 #[derive(Debug, Clone, Default)]
@@ -126,11 +126,11 @@ impl Storage for MemoryStorage {
                 Some(after) if after >= prefix.as_str() => std::ops::Bound::Excluded(after),
                 _ => std::ops::Bound::Included(prefix.as_str()),
             };
-            let mut items: Vec<ObjectMeta> = objects
+            let mut items: Vec<Listed> = objects
                 .range::<str, _>((start, std::ops::Bound::Unbounded))
                 .take_while(|(path, _)| path.starts_with(prefix.as_str()))
                 .take(limit.saturating_add(1))
-                .map(|(_, (meta, _))| meta.clone())
+                .map(|(_, (meta, _))| Listed::from(meta))
                 .collect();
             let next = (items.len() > limit).then(|| {
                 items.truncate(limit);

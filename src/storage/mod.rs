@@ -93,9 +93,28 @@ pub struct GetResult {
 /// One page of a listing, in byte order of path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListPage {
-    pub items: Vec<ObjectMeta>,
+    pub items: Vec<Listed>,
     /// The last path of this page when more may follow: pass it as `after` for the next.
     pub next: Option<String>,
+}
+
+/// An object as a listing names it: what every backend's listing tells without reading the
+/// object itself (an S3 listing gives no content type, metadata or tags; [`Storage::head`] does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub path: String,
+    pub size: u64,
+    pub modified_at: DateTime<Utc>,
+}
+
+impl From<&ObjectMeta> for Listed {
+    fn from(meta: &ObjectMeta) -> Self {
+        Self {
+            path: meta.path.clone(),
+            size: meta.size,
+            modified_at: meta.modified_at,
+        }
+    }
 }
 
 /// One storage backend.
@@ -126,7 +145,8 @@ pub trait Storage: Send + Sync + 'static {
     /// Deletes the object; deleting one that is not there succeeds.
     fn delete<'a>(&'a self, path: &'a StoragePath) -> BoxFuture<'a, Result<(), StorageError>>;
 
-    /// Up to `limit` objects whose path starts with `prefix` and sorts after `after`.
+    /// Up to `limit` objects whose path starts with `prefix` and sorts after `after`, in byte
+    /// order of their paths.
     fn list<'a>(
         &'a self,
         prefix: &'a StoragePath,
@@ -149,29 +169,6 @@ pub async fn open(
         StorageBackend::Memory => std::sync::Arc::new(memory::MemoryStorage::new()),
     };
     Ok(std::sync::Arc::new(metered::Metered::new(inner)))
-}
-
-/// The page of a listing from the paths a backend found (sorted, `limit + 1` of them at most):
-/// each described by `head`, those deleted since the listing left out.
-async fn page_of<S: Storage + ?Sized>(
-    storage: &S,
-    mut paths: Vec<String>,
-    limit: usize,
-) -> Result<ListPage, StorageError> {
-    let more = paths.len() > limit;
-    paths.truncate(limit);
-    let mut items = Vec::with_capacity(paths.len());
-    for path in &paths {
-        match storage.head(&StoragePath::raw(path)).await {
-            Ok(meta) => items.push(meta),
-            Err(StorageError::NotFound) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(ListPage {
-        next: more.then(|| paths.last().cloned()).flatten(),
-        items,
-    })
 }
 
 /// `range` checked against an object of `size` bytes: the end is clamped to the size; a range

@@ -29,8 +29,8 @@ use futures::stream::FuturesUnordered;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ByteStream, GetResult, ListPage, ObjectMeta, PutOptions, Storage, StorageError, StoragePath,
-    fit_range,
+    ByteStream, GetResult, ListPage, Listed, ObjectMeta, PutOptions, Storage, StorageError,
+    StoragePath, fit_range,
 };
 use crate::config::Secret;
 
@@ -577,7 +577,8 @@ impl Storage for S3Storage {
         limit: usize,
     ) -> BoxFuture<'a, Result<ListPage, StorageError>> {
         Box::pin(async move {
-            // S3 answers at most 1000 keys a request: one more than the page tells if more follow.
+            // S3 answers at most 1000 keys a request: asking one more than the page tells if more
+            // follow.
             let limit = limit.min(999);
             let listed = self
                 .client
@@ -589,12 +590,25 @@ impl Storage for S3Storage {
                 .send()
                 .await
                 .map_err(backend)?;
-            let keys: Vec<String> = listed
+            // The listing tells each object's size and age: nothing more is asked per object.
+            let mut items: Vec<Listed> = listed
                 .contents()
                 .iter()
-                .filter_map(|o| o.key().map(str::to_owned))
+                .filter_map(|o| {
+                    Some(Listed {
+                        path: o.key()?.to_owned(),
+                        size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                        modified_at: time(o.last_modified()),
+                    })
+                })
                 .collect();
-            super::page_of(self, keys, limit).await
+            // A server may also end a page early and say so.
+            let more = items.len() > limit || listed.is_truncated() == Some(true);
+            items.truncate(limit);
+            Ok(ListPage {
+                next: more.then(|| items.last().map(|i| i.path.clone())).flatten(),
+                items,
+            })
         })
     }
 }

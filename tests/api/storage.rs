@@ -243,6 +243,77 @@ async fn behaves(storage: Arc<dyn Storage>) {
         4
     );
 
+    // Byte order across nesting: an object and objects under its name, names sorting just
+    // before and after `/`; in pages of one, two and all, and from a point between objects.
+    let c = tenant(3);
+    let keys = ["a", "a/b", "a/b/c", "a-c", "a.d", "a0", "ab", "a/z", "b"];
+    for (i, key) in keys.iter().enumerate() {
+        s.put(
+            &path(c, key),
+            body_from(vec![b'x'; i + 1]),
+            PutOptions::default(),
+        )
+        .await
+        .expect("put");
+    }
+    let mut expected: Vec<String> = keys
+        .iter()
+        .map(|k| path(c, k).as_str().to_owned())
+        .collect();
+    expected.sort_unstable();
+    let every = StoragePath::prefix(c, "").expect("prefix");
+    for page_size in [1, 2, 100] {
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s
+                .list(&every, after.as_deref(), page_size)
+                .await
+                .expect("list");
+            assert!(page.items.len() <= page_size);
+            seen.extend(page.items.iter().map(|l| l.path.clone()));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected, "pages of {page_size}");
+    }
+    let listed = s.list(&every, None, 100).await.expect("list");
+    for item in &listed.items {
+        let key = &item.path[every.as_str().len()..];
+        let index = keys.iter().position(|k| *k == key).expect("a stored key");
+        assert_eq!(item.size, index as u64 + 1, "the size of {key}");
+    }
+    let between = format!("{}a/", every.as_str());
+    let rest: Vec<String> = s
+        .list(&every, Some(&between), 100)
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .map(|l| l.path)
+        .collect();
+    let later: Vec<String> = expected
+        .iter()
+        .filter(|p| p.as_str() > between.as_str())
+        .cloned()
+        .collect();
+    assert_eq!(rest, later, "after a point that names no object");
+    let under_a = StoragePath::prefix(c, "a/").expect("prefix");
+    let nested: Vec<String> = s
+        .list(&under_a, None, 100)
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .map(|l| l.path)
+        .collect();
+    assert_eq!(
+        nested,
+        ["a/b", "a/b/c", "a/z"].map(|k| path(c, k).as_str().to_owned())
+    );
+
     // Deleting.
     s.delete(&small).await.expect("delete");
     assert!(matches!(s.head(&small).await, Err(StorageError::NotFound)));
