@@ -117,6 +117,15 @@ pub struct JobsConfig {
     pub cron: CronConfig,
 }
 
+impl JobsConfig {
+    /// How long after its worker died (killed, frozen, cut off) a job runs again at most: its
+    /// lease runs out, the next rescue pass (one every third of the lease) makes it due, and a
+    /// pool claims it within a poll interval. 20.25 s with the defaults.
+    pub fn recovery_bound(&self) -> Duration {
+        self.lease + self.lease / 3 + self.poll_interval
+    }
+}
+
 /// When the platform's scheduled kinds run (6-field cron: second minute hour day month weekday);
 /// `None` turns one off (`Default`: all off). Reflections are evaluated in each tenant's timezone.
 #[derive(Debug, Clone, Default)]
@@ -621,6 +630,15 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(c.database_url().is_err());
         assert_eq!(c.database.max_connections, 20);
+    }
+
+    #[test]
+    fn a_job_whose_worker_dies_runs_again_within_30_seconds_by_default() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.jobs.recovery_bound(), Duration::from_millis(20_250));
+        assert!(c.jobs.recovery_bound() <= Duration::from_secs(30));
+        let shorter = load(&[("JOB_LEASE", "3s"), ("JOB_POLL_INTERVAL", "100ms")]).unwrap();
+        assert_eq!(shorter.jobs.recovery_bound(), Duration::from_millis(4_100));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -29,9 +29,20 @@ pub fn init_tracing(format: LogFormat) {
     drop(result);
 }
 
-/// Latency buckets (seconds) for every histogram: 0.5 ms to 10 s.
+/// Latency buckets (seconds) for every histogram but the long ones below: 0.5 ms to 10 s.
 const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets for what may take minutes: a job's run (up to its kind's timeout, 300 s by default),
+/// a job waiting in a backlog, a storage operation streaming gigabytes.
+const LONG_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+const LONG_HISTOGRAMS: &[&str] = &[
+    "job_duration_seconds",
+    "job_pickup_delay_seconds",
+    "storage_operation_duration_seconds",
 ];
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -40,11 +51,16 @@ static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn metrics_handle() -> PrometheusHandle {
     RECORDER
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
+            let mut builder = PrometheusBuilder::new()
                 .set_buckets(BUCKETS)
-                // BUCKETS is a fixed, non-empty list, which is all set_buckets checks.
-                .expect("histogram buckets are non-empty")
-                .build_recorder();
+                // The bucket lists are fixed and non-empty, which is all set_buckets checks.
+                .expect("histogram buckets are non-empty");
+            for name in LONG_HISTOGRAMS {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full((*name).to_owned()), LONG_BUCKETS)
+                    .expect("histogram buckets are non-empty");
+            }
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");

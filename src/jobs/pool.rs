@@ -170,7 +170,12 @@ impl Inner {
             .into_iter()
             .filter(|q| self.config.concurrency[q.index()] > 0)
             .collect();
-        tracing::info!(worker = %self.worker, queues = ?queues.iter().map(|q| q.as_str()).collect::<Vec<_>>(), "job pool started");
+        tracing::info!(
+            worker = %self.worker,
+            queues = ?queues.iter().map(|q| q.as_str()).collect::<Vec<_>>(),
+            recovery_bound = ?self.config.recovery_bound(),
+            "job pool started"
+        );
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let background = CancellationToken::new();
         let mut tasks = JoinSet::new();
