@@ -411,6 +411,9 @@ pub struct Claimed {
     pub run_at: DateTime<Utc>,
     #[sqlx(rename = "job_claimed_at")]
     pub claimed_at: DateTime<Utc>,
+    /// When the claim's answer reached this process (set by the pool).
+    #[sqlx(skip)]
+    pub received: Option<std::time::Instant>,
 }
 
 fn interval(d: Duration) -> DbResult<PgInterval> {

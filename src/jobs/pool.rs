@@ -108,7 +108,7 @@ impl Pool {
             async move {
                 let token = inner.token(job.id);
                 let (id, kind) = (job.id, job.kind.clone());
-                let outcome = inner.execute(job, token).await;
+                let outcome = inner.execute(queue, job, token).await;
                 Ran { id, kind, outcome }
             }
         });
@@ -229,20 +229,30 @@ impl Inner {
                 .then(a.run_at.cmp(&b.run_at))
                 .then(a.id.cmp(&b.id))
         });
+        let received = std::time::Instant::now();
         let mut held = self.held();
-        for job in &claimed {
+        for job in &mut claimed {
             held.entry(job.id).or_default();
-            let delay = (job.claimed_at - job.run_at).to_std().unwrap_or_default();
-            metrics::histogram!("job_pickup_delay_seconds", "queue" => queue.as_str())
-                .record(delay.as_secs_f64());
+            job.received = Some(received);
         }
         Ok(claimed)
     }
 
     /// Runs one attempt to its outcome: the handler's result or error, a timeout, or a panic.
     /// `None` when the job was cancelled meanwhile.
-    async fn execute(self: &Arc<Self>, job: Claimed, token: CancellationToken) -> Option<Outcome> {
+    async fn execute(
+        self: &Arc<Self>,
+        queue: Queue,
+        job: Claimed,
+        token: CancellationToken,
+    ) -> Option<Outcome> {
         let kind = self.registry.label(&job.kind);
+        // From due to this start: the wait for a claim (database time), then for a free slot
+        // (this process's clock, as the claim may have fetched it ahead).
+        let waited = (job.claimed_at - job.run_at).to_std().unwrap_or_default()
+            + job.received.map(|r| r.elapsed()).unwrap_or_default();
+        metrics::histogram!("job_pickup_delay_seconds", "queue" => queue.as_str())
+            .record(waited.as_secs_f64());
         let Some(handler) = self.registry.get(&job.kind).cloned() else {
             // A kind this build does not know (a newer build enqueued it, or it was removed):
             // retried like a failure, so a worker that knows it can still take it.
@@ -365,7 +375,7 @@ impl Inner {
                 let inner = self.clone();
                 let done = done.clone();
                 let handle = running.spawn(async move {
-                    let outcome = inner.execute(job, token).await;
+                    let outcome = inner.execute(queue, job, token).await;
                     let _ = done.send((id, outcome));
                 });
                 running_ids.insert(handle.id(), id);
