@@ -1,18 +1,22 @@
 //! The job pool against real PostgreSQL as the app role: retries with backoff and attempts
-//! persisted, dead letters and manual retry, priorities, delayed jobs, transactional enqueue,
-//! idempotency keys, cancellation, progress events, graceful shutdown, a worker process killed
-//! with SIGKILL, and tenant isolation of `/v1/jobs`.
+//! persisted, dead letters and manual retry, priorities, delayed jobs, transactional enqueue (a
+//! domain write and its job together), idempotency keys, cancellation, progress events, graceful
+//! shutdown (drain and hand-back), per-queue concurrency, unique worker names, `serve
+//! --no-workers`, a worker process killed with SIGKILL, and tenant isolation of `/v1/jobs`.
 //!
 //! Jobs are driven step by step with `Pool::run_due` where the test is about one attempt, and by a
 //! running pool where it is about the pool's own behaviour (wake-ups, heartbeats, drain).
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use cybernetic::config::{DatabaseConfig, JobsConfig, Secret};
@@ -23,10 +27,12 @@ use cybernetic::events::EventBus;
 use cybernetic::events::hub::Hub;
 use cybernetic::jobs::pool::Pool;
 use cybernetic::jobs::{self, Enqueue, Job, JobContext, JobError, Registry, backoff};
+use cybernetic::routes::episodes::{NewEpisode, record};
 
-use crate::helpers::{TestApp, app_url, eventually, expect_json, expect_problem};
+use crate::helpers::{Options, TestApp, app_url, eventually, expect_json, expect_problem};
 
-/// Fails until `HEALED` is set; attempts are numbered in its result.
+/// Fails until `HEALED` is set; attempts are numbered in its result. Its backoff after attempt
+/// n is between half and all of 400 ms × 2^(n-1): 200-400 ms, 400-800 ms, 800-1600 ms.
 #[derive(Serialize, Deserialize)]
 struct Flaky;
 
@@ -34,7 +40,7 @@ static HEALED: AtomicBool = AtomicBool::new(false);
 
 impl Job for Flaky {
     const KIND: &'static str = "flaky";
-    const MAX_ATTEMPTS: i32 = 3;
+    const MAX_ATTEMPTS: i32 = 4;
 
     fn backoff(attempt: i32) -> Duration {
         backoff::exponential(attempt, Duration::from_millis(400), Duration::from_secs(5))
@@ -97,12 +103,103 @@ impl Job for CrashProbe {
     }
 }
 
+/// Blocks in its handler until the test opens its gate (`gate(group).open(name)`), then
+/// completes with its name and attempt. Each group counts the handlers inside it, now and at most.
+#[derive(Serialize, Deserialize)]
+struct Gated {
+    group: String,
+    name: String,
+}
+
+impl Gated {
+    fn new(group: &str, name: &str) -> Self {
+        Self {
+            group: group.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// One group of [`Gated`] jobs: per test, so tests sharing a process never share one.
+struct Gate {
+    inside: AtomicUsize,
+    most: AtomicUsize,
+    /// The names of the jobs whose handler started, in the order they started.
+    entered: Mutex<Vec<String>>,
+    open: watch::Sender<HashSet<String>>,
+}
+
+static GATES: LazyLock<Mutex<HashMap<String, Arc<Gate>>>> = LazyLock::new(Mutex::default);
+
+fn gate(group: &str) -> Arc<Gate> {
+    GATES
+        .lock()
+        .unwrap()
+        .entry(group.to_owned())
+        .or_insert_with(|| {
+            Arc::new(Gate {
+                inside: AtomicUsize::new(0),
+                most: AtomicUsize::new(0),
+                entered: Mutex::default(),
+                open: watch::Sender::new(HashSet::new()),
+            })
+        })
+        .clone()
+}
+
+impl Gate {
+    fn open(&self, name: &str) {
+        self.open.send_modify(|open| {
+            open.insert(name.to_owned());
+        });
+    }
+
+    fn inside(&self) -> usize {
+        self.inside.load(Ordering::SeqCst)
+    }
+
+    fn most(&self) -> usize {
+        self.most.load(Ordering::SeqCst)
+    }
+
+    fn entered(&self) -> Vec<String> {
+        self.entered.lock().unwrap().clone()
+    }
+}
+
+/// Counts a handler out of its gate however it ends: returning, or dropped by an abort.
+struct Inside(Arc<Gate>);
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        self.0.inside.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Job for Gated {
+    const KIND: &'static str = "gated";
+
+    async fn run(self, ctx: JobContext) -> Result<Value, JobError> {
+        let gate = gate(&self.group);
+        let mut open = gate.open.subscribe();
+        let now = gate.inside.fetch_add(1, Ordering::SeqCst) + 1;
+        let _inside = Inside(gate.clone());
+        gate.most.fetch_max(now, Ordering::SeqCst);
+        gate.entered.lock().unwrap().push(self.name.clone());
+        open.wait_for(|open| open.contains(&self.name))
+            .await
+            .map_err(|_| JobError::retry("the gate is gone"))?;
+        Ok(json!({"name": self.name, "attempt": ctx.attempt}))
+    }
+}
+
 fn registry() -> Registry {
     Registry::new()
         .register::<Flaky>()
         .register::<Hang>()
         .register::<Halves>()
         .register::<CrashProbe>()
+        .register::<Gated>()
 }
 
 pub fn config() -> JobsConfig {
@@ -163,10 +260,13 @@ async fn job(app: &TestApp, token: &str, id: impl std::fmt::Display) -> Value {
     .await
 }
 
-fn millis_between(from: &str, to: &str) -> i64 {
-    let from = chrono::DateTime::parse_from_rfc3339(from).expect("timestamp");
-    let to = chrono::DateTime::parse_from_rfc3339(to).expect("timestamp");
-    (to - from).num_milliseconds()
+fn instant(value: &Value) -> DateTime<Utc> {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a timestamp: {value}"));
+    DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("not a timestamp ({e}): {text}"))
+        .with_timezone(&Utc)
 }
 
 #[tokio::test]
@@ -176,63 +276,50 @@ async fn failed_attempts_back_off_and_persist_then_die_and_retry_by_hand() {
     let (pool, db) = pool(&app, config());
     let id = enqueue(&db, &t.id, &Flaky, Enqueue::default()).await.id;
 
-    // Attempt 1 fails: visible at once as retrying, with its attempt, error and next run.
-    let ran = pool.run_due(Queue::Default, 10).await.expect("run");
-    assert_eq!(ran.len(), 1);
-    let after_first = job(&app, &t.viewer, id).await;
-    assert_eq!(after_first["state"], "retrying", "{after_first}");
-    assert_eq!(after_first["attempts"], 1);
-    assert_eq!(after_first["max_attempts"], 3);
-    assert_eq!(after_first["last_error"], "flaky attempt 1");
-    // Backoff after attempt 1: between half and all of 400 ms, counted from the attempt's start.
-    let wait = millis_between(
-        after_first["started_at"].as_str().unwrap(),
-        after_first["run_at"].as_str().unwrap(),
-    );
-    assert!((200..=1400).contains(&wait), "first backoff {wait} ms");
-    // Not due yet: nothing runs.
-    assert!(
-        pool.run_due(Queue::Default, 10)
-            .await
-            .expect("run")
-            .is_empty()
-    );
-
-    // Attempts 2 and 3 run as each comes due; the second backoff is about twice the first.
-    let mut backoffs = vec![wait];
-    for attempt in 2..=3 {
-        eventually(Duration::from_secs(10), "the retry to come due", || {
-            let pool = pool.clone();
-            async move {
-                !pool
-                    .run_due(Queue::Default, 10)
-                    .await
-                    .expect("run")
-                    .is_empty()
-            }
-        })
+    // Each attempt runs as soon as it is due, never earlier; each failure is visible at once as
+    // retrying, with its attempt, error and next run.
+    let mut attempts: Vec<(DateTime<Utc>, DateTime<Utc>)> = Vec::new(); // (started_at, run_at)
+    for attempt in 1..=4 {
+        eventually(
+            Duration::from_secs(10),
+            "the next attempt to come due",
+            || {
+                let pool = pool.clone();
+                async move {
+                    !pool
+                        .run_due(Queue::Default, 10)
+                        .await
+                        .expect("run")
+                        .is_empty()
+                }
+            },
+        )
         .await;
         let now = job(&app, &t.viewer, id).await;
         assert_eq!(now["attempts"], attempt, "{now}");
-        if attempt == 2 {
-            assert_eq!(now["state"], "retrying");
-            backoffs.push(millis_between(
-                now["started_at"].as_str().unwrap(),
-                now["run_at"].as_str().unwrap(),
-            ));
+        assert_eq!(now["max_attempts"], 4, "{now}");
+        assert_eq!(
+            now["last_error"],
+            format!("flaky attempt {attempt}"),
+            "{now}"
+        );
+        let started = instant(&now["started_at"]);
+        if let Some((_, due)) = attempts.last() {
+            assert!(
+                started >= *due,
+                "attempt {attempt} claimed before it was due: {now}"
+            );
+        }
+        if attempt < 4 {
+            assert_eq!(now["state"], "retrying", "{now}");
+            attempts.push((started, instant(&now["run_at"])));
         }
     }
-    assert!(
-        (400..=2000).contains(&backoffs[1]),
-        "second backoff {} ms (first {})",
-        backoffs[1],
-        backoffs[0]
-    );
 
     // After the last attempt: dead, kept, listed in the dead-letter view, with a job.failed event.
     let dead = job(&app, &t.viewer, id).await;
     assert_eq!(dead["state"], "dead", "{dead}");
-    assert_eq!(dead["last_error"], "flaky attempt 3");
+    assert_eq!(dead["last_error"], "flaky attempt 4");
     assert!(dead["finished_at"].is_string());
     let letters = expect_json(
         app.get("/v1/jobs?state=dead", &t.viewer).await,
@@ -246,14 +333,35 @@ async fn failed_attempts_back_off_and_persist_then_die_and_retry_by_hand() {
         StatusCode::OK,
     )
     .await;
-    let types: Vec<&str> = history["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["type"].as_str().unwrap())
-        .collect();
-    assert_eq!(types, ["job.retrying", "job.retrying", "job.failed"]);
-    assert_eq!(history["items"][2]["data"]["error"], "flaky attempt 3");
+    let events = history["items"].as_array().unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["job.retrying", "job.retrying", "job.retrying", "job.failed"]
+    );
+    assert_eq!(events[3]["data"]["error"], "flaky attempt 4");
+
+    // The backoff, each attempt in its own window: the delay after failed attempt n is between
+    // half and all of 400 ms × 2^(n-1) (Flaky's backoff). The moment of the failure is bracketed
+    // by the database: no earlier than the attempt's claim (`started_at`), no later than its
+    // `job.retrying` event (appended when the failure is recorded). So the delay is at most
+    // run_at - started_at and at least run_at - occurred_at. Windows 1 and 3 do not meet: a
+    // constant backoff cannot pass.
+    for (n, ((started, due), event)) in attempts.iter().zip(events).enumerate() {
+        let attempt = n + 1;
+        assert_eq!(event["data"]["attempts"], attempt, "{event}");
+        assert_eq!(instant(&event["data"]["retry_at"]), *due, "{event}");
+        let failed_by = instant(&event["occurred_at"]);
+        let longest = (*due - *started).num_microseconds().unwrap();
+        let shortest = (*due - failed_by).num_microseconds().unwrap();
+        let ceiling = 400_000i64 << n;
+        let floor = ceiling / 2;
+        assert!(
+            longest >= floor && shortest <= ceiling,
+            "attempt {attempt}'s backoff is {shortest}..={longest} µs, outside its window \
+             {floor}..={ceiling} µs"
+        );
+    }
 
     // Retried by hand (a viewer may not), it runs again from attempt 1 and succeeds.
     expect_problem(
@@ -456,6 +564,91 @@ async fn enqueue_commits_and_rolls_back_with_its_transaction_and_keys_are_idempo
         .unwrap();
     assert_eq!(setting, other.id);
     tx.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_episode_and_its_analysis_job_commit_or_roll_back_together() {
+    // The episodes route's own write (`routes::episodes::record`: the episode, its
+    // `episode_analysis` job and its `episode.created` event, in the caller's tenant transaction).
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    let (_pool, db) = pool(&app, config());
+    let tenant = TenantId::from_uuid(t.id.parse().unwrap());
+    let new = || NewEpisode::parse("Outage", "The primary fell over at noon.".to_owned()).unwrap();
+    let jobs_for = |episode: uuid::Uuid| {
+        sqlx::query_as::<_, (i64,)>(
+            "select count(*) from jobs where kind = 'episode_analysis' and args = $1",
+        )
+        .bind(json!({"episode_id": episode}))
+    };
+
+    // Rolled back: both were written in the transaction, and neither is left.
+    let mut tx = scope::begin(db.primary(), tenant).await.unwrap();
+    let (episode, _event, _wake) = record(&mut tx, tenant, &new()).await.expect("record");
+    let (written,) = jobs_for(episode.id).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(
+        written, 1,
+        "the job is written in the episode's transaction"
+    );
+    tx.rollback().await.unwrap();
+    expect_problem(
+        app.get(&format!("/v1/episodes/{}", episode.id), &t.viewer)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    let episodes = expect_json(app.get("/v1/episodes", &t.viewer).await, StatusCode::OK).await;
+    assert_eq!(
+        episodes["items"],
+        json!([]),
+        "no episode after the rollback"
+    );
+    let listed = expect_json(app.get("/v1/jobs", &t.viewer).await, StatusCode::OK).await;
+    assert_eq!(listed["items"], json!([]), "no job after the rollback");
+    let mut tx = scope::begin(db.primary(), tenant).await.unwrap();
+    let (left,) = jobs_for(episode.id).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(left, 0);
+    tx.rollback().await.unwrap();
+    let history = expect_json(
+        app.get("/v1/events/history", &t.viewer).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(history["items"], json!([]), "no event after the rollback");
+
+    // Committed: the episode, its job (due now, not run: no pool here) and its event.
+    let mut tx = scope::begin(db.primary(), tenant).await.unwrap();
+    let (episode, _event, wake) = record(&mut tx, tenant, &new()).await.expect("record");
+    tx.commit().await.unwrap();
+    wake.after_commit(&db);
+    let stored = expect_json(
+        app.get(&format!("/v1/episodes/{}", episode.id), &t.viewer)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(stored["title"], "Outage");
+    let listed = expect_json(app.get("/v1/jobs", &t.viewer).await, StatusCode::OK).await;
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{listed}");
+    assert_eq!(items[0]["kind"], "episode_analysis");
+    assert_eq!(items[0]["queue"], "analysis");
+    assert_eq!(items[0]["args"], json!({"episode_id": episode.id}));
+    assert_eq!(items[0]["state"], "available");
+    assert_eq!(items[0]["attempts"], 0);
+    let history = expect_json(
+        app.get("/v1/events/history", &t.viewer).await,
+        StatusCode::OK,
+    )
+    .await;
+    let types: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["episode.created"]);
 }
 
 /// A kind the database refuses (its name breaks the jobs table's check): what a batch does with
@@ -779,6 +972,345 @@ async fn shutdown_lets_running_jobs_drain_then_hands_the_rest_back() {
             "the interrupted attempt is not counted"
         );
     }
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_running_job_finish_and_hands_back_one_that_outlasts_the_drain() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    let (draining, db) = pool(
+        &app,
+        JobsConfig {
+            drain_timeout: Duration::from_secs(2),
+            ..config()
+        },
+    );
+    let gate = gate("drain");
+    // All three are claimed by the pool's first look (concurrency 2 plus prefetch 2), in priority
+    // order: `finishes` and `outlasts` run, `unstarted` waits in the prefetch buffer.
+    let mut ids = HashMap::new();
+    for (name, priority) in [("finishes", 2), ("outlasts", 1), ("unstarted", 0)] {
+        let how = Enqueue {
+            priority,
+            ..Enqueue::default()
+        };
+        let id = enqueue(&db, &t.id, &Gated::new("drain", name), how)
+            .await
+            .id;
+        ids.insert(name, id);
+    }
+    let shutdown = CancellationToken::new();
+    let mut running = draining.spawn(shutdown.clone());
+    eventually(Duration::from_secs(10), "two jobs to run", || {
+        let gate = &gate;
+        async move { gate.inside() == 2 }
+    })
+    .await;
+    let mut started = gate.entered();
+    started.sort();
+    assert_eq!(started, ["finishes", "outlasts"]);
+
+    // Shutdown begins with both running. The pool waits for them: well into its drain time
+    // (2 s) it has not stopped. Then one of them is let through, while the other stays blocked
+    // past the drain time.
+    shutdown.cancel();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), &mut running)
+            .await
+            .is_err(),
+        "the pool stopped without waiting for its running jobs"
+    );
+    assert_eq!(gate.inside(), 2, "both still running during the drain");
+    gate.open("finishes");
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the pool stops within its drain time")
+        .expect("pool task");
+
+    let finished = job(&app, &t.viewer, ids["finishes"]).await;
+    assert_eq!(finished["state"], "completed", "drained: {finished}");
+    assert_eq!(
+        finished["result"],
+        json!({"name": "finishes", "attempt": 1})
+    );
+    assert_eq!(finished["attempts"], 1);
+    for name in ["outlasts", "unstarted"] {
+        let left = job(&app, &t.viewer, ids[name]).await;
+        assert_eq!(left["state"], "available", "{name} handed back: {left}");
+        assert_eq!(
+            left["attempts"], 0,
+            "{name}: an attempt cut short or never begun is not counted"
+        );
+        assert!(left["started_at"].is_null(), "{left}");
+        assert!(left["last_error"].is_null(), "{left}");
+    }
+    // The handler past the drain time was stopped, not left running unseen.
+    eventually(
+        Duration::from_secs(5),
+        "the stopped handler to be dropped",
+        || {
+            let gate = &gate;
+            async move { gate.inside() == 0 }
+        },
+    )
+    .await;
+    let history = expect_json(
+        app.get("/v1/events/history?topics=job.*", &t.viewer).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(history["items"].as_array().unwrap().len(), 1, "{history}");
+    assert_eq!(history["items"][0]["type"], "job.completed");
+    assert_eq!(
+        history["items"][0]["data"]["job_id"],
+        ids["finishes"].to_string()
+    );
+
+    // The next pool runs the handed-back jobs as their first attempt.
+    gate.open("outlasts");
+    gate.open("unstarted");
+    let (next, _db) = pool(&app, config());
+    let ran = next.run_due(Queue::Default, 10).await.expect("run");
+    assert_eq!(ran.len(), 2);
+    for name in ["outlasts", "unstarted"] {
+        let done = job(&app, &t.viewer, ids[name]).await;
+        assert_eq!(done["state"], "completed", "{done}");
+        assert_eq!(done["result"], json!({"name": name, "attempt": 1}));
+    }
+}
+
+/// The tenant's jobs claimed and not finished.
+async fn claimed(db: &Db, tenant: TenantId) -> i64 {
+    let mut tx = scope::begin(db.primary(), tenant).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as("select count(*) from jobs where state = 'running'")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    n
+}
+
+#[tokio::test]
+async fn a_queue_never_runs_more_jobs_at_once_than_its_concurrency() {
+    // The default queue runs 2 at once here, and holds 2 more claimed (prefetch).
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    let tenant = TenantId::from_uuid(t.id.parse().unwrap());
+    let (pool, db) = pool(&app, config());
+    let gate = gate("cap");
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let name = format!("job{i}");
+        ids.push(
+            enqueue(&db, &t.id, &Gated::new("cap", &name), Enqueue::default())
+                .await
+                .id,
+        );
+    }
+    let shutdown = CancellationToken::new();
+    let running = pool.spawn(shutdown.clone());
+
+    // Two run; two more are claimed and held, ready, but not started.
+    eventually(
+        Duration::from_secs(10),
+        "two to run and two more to be claimed",
+        || {
+            let (gate, db) = (&gate, &db);
+            async move { gate.inside() == 2 && claimed(db, tenant).await == 4 }
+        },
+    )
+    .await;
+    assert_eq!(gate.entered().len(), 2);
+    assert_eq!(gate.inside(), 2);
+
+    // Released one at a time, in the order they started: each release lets exactly one more in,
+    // and never more than two are inside.
+    for step in 0..6 {
+        let expected_inside = (6 - step).min(2);
+        eventually(
+            Duration::from_secs(10),
+            "the freed slot to be taken",
+            || {
+                let gate = &gate;
+                async move {
+                    gate.inside() == expected_inside
+                        && gate.entered().len() == step + expected_inside
+                }
+            },
+        )
+        .await;
+        assert_eq!(gate.most(), 2, "at most two at once (step {step})");
+        let next = gate.entered()[step].clone();
+        gate.open(&next);
+    }
+    eventually(Duration::from_secs(10), "all six to complete", || {
+        let app = &app;
+        let token = &t.viewer;
+        async move {
+            let listed = expect_json(
+                app.get("/v1/jobs?state=completed", token).await,
+                StatusCode::OK,
+            )
+            .await;
+            listed["items"].as_array().unwrap().len() == 6
+        }
+    })
+    .await;
+    assert_eq!(gate.most(), 2, "never more than the queue's concurrency");
+    assert_eq!(gate.inside(), 0);
+    let mut entered = gate.entered();
+    entered.sort();
+    assert_eq!(
+        entered,
+        (0..6).map(|i| format!("job{i}")).collect::<Vec<_>>(),
+        "each ran once"
+    );
+    for id in ids {
+        assert_eq!(job(&app, &t.viewer, id).await["attempts"], 1);
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the pool stops")
+        .expect("pool task");
+}
+
+#[tokio::test]
+async fn two_pools_in_one_process_claim_under_their_own_worker_names() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    let tenant = TenantId::from_uuid(t.id.parse().unwrap());
+    // One job at a time each, nothing held in advance: two jobs need both pools.
+    let one_at_a_time = || JobsConfig {
+        concurrency: [0, 1, 0, 0],
+        prefetch: 0,
+        ..config()
+    };
+    let (first, db) = pool(&app, one_at_a_time());
+    let (second, _db) = pool(&app, one_at_a_time());
+    assert_ne!(first.worker(), second.worker());
+    let gate = gate("names");
+    for name in ["a", "b"] {
+        let _ = enqueue(&db, &t.id, &Gated::new("names", name), Enqueue::default()).await;
+    }
+    let shutdown = CancellationToken::new();
+    let running = [
+        first.spawn(shutdown.clone()),
+        second.spawn(shutdown.clone()),
+    ];
+    eventually(Duration::from_secs(10), "both jobs to run", || {
+        let gate = &gate;
+        async move { gate.inside() == 2 }
+    })
+    .await;
+
+    // Each running job names the pool that holds it.
+    let mut tx = scope::begin(db.primary(), tenant).await.unwrap();
+    let holders: Vec<(Option<String>,)> =
+        sqlx::query_as("select locked_by from jobs where state = 'running' order by locked_by")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    tx.rollback().await.unwrap();
+    let mut holders: Vec<String> = holders
+        .into_iter()
+        .map(|(by,)| by.expect("a running job has a holder"))
+        .collect();
+    holders.sort();
+    let mut workers = vec![first.worker().to_owned(), second.worker().to_owned()];
+    workers.sort();
+    assert_eq!(holders, workers, "one job held by each pool, by name");
+    // `host-pid-random`: the same process, told apart by the random part.
+    let pid = format!("-{}-", std::process::id());
+    assert!(workers.iter().all(|w| w.contains(&pid)), "{workers:?}");
+
+    gate.open("a");
+    gate.open("b");
+    eventually(Duration::from_secs(10), "both to complete", || {
+        let app = &app;
+        let token = &t.viewer;
+        async move {
+            let listed = expect_json(
+                app.get("/v1/jobs?state=completed", token).await,
+                StatusCode::OK,
+            )
+            .await;
+            listed["items"].as_array().unwrap().len() == 2
+        }
+    })
+    .await;
+    shutdown.cancel();
+    for pool in running {
+        tokio::time::timeout(Duration::from_secs(10), pool)
+            .await
+            .expect("the pool stops")
+            .expect("pool task");
+    }
+}
+
+#[tokio::test]
+async fn serve_without_workers_leaves_jobs_queued_for_a_process_that_runs_them() {
+    // `TestApp::spawn()` is `serve --no-workers` (no registry, no pool).
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    let episode = expect_json(
+        app.post(
+            "/v1/episodes",
+            &t.operator,
+            json!({"title": "Outage", "content": "The primary fell over at noon."}),
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let episode_id = episode["id"].as_str().unwrap().to_owned();
+
+    // The job was committed with the episode and its queue woken; a later round trip finds it
+    // still waiting: never claimed, no attempt counted.
+    let read = expect_json(
+        app.get(&format!("/v1/episodes/{episode_id}"), &t.viewer)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert!(read["analysis"].is_null(), "{read}");
+    let listed = expect_json(
+        app.get("/v1/jobs?kind=episode_analysis", &t.viewer).await,
+        StatusCode::OK,
+    )
+    .await;
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{listed}");
+    let job_id = items[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(items[0]["state"], "available", "{listed}");
+    assert_eq!(items[0]["attempts"], 0, "{listed}");
+    assert!(items[0]["started_at"].is_null(), "{listed}");
+
+    // A `serve` with its pool on the same database runs it.
+    let mut workers = TestApp::spawn_with(Options {
+        db_name: Some(app.db_name.clone()),
+        ..Options::default().workers()
+    })
+    .await;
+    eventually(Duration::from_secs(20), "a pool to run the job", || {
+        let app = &app;
+        let token = &t.viewer;
+        let job_id = &job_id;
+        async move { job(app, token, job_id).await["state"] == "completed" }
+    })
+    .await;
+    let done = job(&app, &t.viewer, &job_id).await;
+    assert_eq!(done["attempts"], 1, "{done}");
+    assert_eq!(done["result"]["episode_id"], episode_id, "{done}");
+    let analysed = expect_json(
+        app.get(&format!("/v1/episodes/{episode_id}"), &t.viewer)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(analysed["analysis"]["analyzer"], "text", "{analysed}");
+    workers.stop().await.expect("the serving pool stops");
 }
 
 /// The crash test's worker process: a pool that runs `crash_probe` jobs by hanging in them, until

@@ -2,7 +2,8 @@
 //! episode analysis enqueued with the episode; policy evaluation opening and resolving violations
 //! without repeated alerts; webhook notifications with a valid signature delivered to a local
 //! receiver, retried after a failure; notification channel CRUD; cron ticks enqueued once with two
-//! pools running; daily reflections on the tenant's clock; hourly health snapshots.
+//! pools running; daily reflections and weekly reviews on the tenant's clock, with the period's
+//! violations and dead jobs; hourly health snapshots; retention of finished jobs.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -10,20 +11,24 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode as AxumStatus};
-use chrono::Utc;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use cybernetic::config::Config;
+use cybernetic::db::{Db, tenant as scope};
 use cybernetic::domain::channel;
 use cybernetic::domain::job::Queue;
 use cybernetic::domain::schedule::Expr;
+use cybernetic::domain::tenant::TenantId;
 use cybernetic::jobs::cron::{Scheduled, Tick};
+use cybernetic::jobs::maintenance::{self, FAILED_RETENTION};
 use cybernetic::jobs::pool::Pool;
-use cybernetic::jobs::{Job, JobContext, JobError, Registry};
+use cybernetic::jobs::{self, Enqueue, Job, JobContext, JobError, Registry};
 
 use crate::helpers::{Options, Tenant, TestApp, eventually, expect_json, expect_problem};
 use crate::jobs::{config, pool_running};
@@ -31,11 +36,17 @@ use crate::jobs::{config, pool_running};
 /// The platform's registry as `serve` builds it, with webhooks allowed over plain HTTP (the
 /// receiver is local) and every schedule as configured by default.
 fn platform(app: &TestApp) -> Pool {
-    let env: HashMap<&str, String> = HashMap::from([
+    platform_with(app, &[])
+}
+
+/// [`platform`] with more settings (`CRON_*=off` to leave a schedule and its kind out).
+fn platform_with(app: &TestApp, extra: &[(&'static str, &str)]) -> Pool {
+    let mut env: HashMap<&str, String> = HashMap::from([
         ("DATABASE_URL", crate::helpers::app_url(&app.db_name)),
         ("WEBHOOK_ALLOW_HTTP", "true".to_owned()),
         ("WEBHOOK_TIMEOUT", "5s".to_owned()),
     ]);
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     let cfg = Config::from_source(&|k| env.get(k).cloned()).expect("config");
     pool_running(&app.db_name, Registry::platform(&cfg), config()).0
 }
@@ -60,13 +71,18 @@ async fn events_of(app: &TestApp, token: &str, topics: &str) -> Vec<Value> {
 
 /// Every job of `kind`, newest first, across pages.
 async fn jobs_of(app: &TestApp, token: &str, kind: &str) -> Vec<Value> {
+    list_jobs(app, token, &format!("kind={kind}&")).await
+}
+
+/// Every job the tenant sees, newest first, across pages; `filter` is `""` or `"name=value&"`.
+async fn list_jobs(app: &TestApp, token: &str, filter: &str) -> Vec<Value> {
     let mut jobs = Vec::new();
-    let mut path = format!("/v1/jobs?kind={kind}&limit=200");
+    let mut path = format!("/v1/jobs?{filter}limit=200");
     loop {
         let page = expect_json(app.get(&path, token).await, StatusCode::OK).await;
         jobs.extend(page["items"].as_array().expect("items").iter().cloned());
         match page["next_cursor"].as_str() {
-            Some(c) => path = format!("/v1/jobs?kind={kind}&limit=200&cursor={c}"),
+            Some(c) => path = format!("/v1/jobs?{filter}limit=200&cursor={c}"),
             None => return jobs,
         }
     }
@@ -826,4 +842,379 @@ async fn the_platform_admin_sets_a_tenants_timezone() {
     let daily = jobs_of(&app, &t.viewer, "daily_reflection").await;
     assert_eq!(daily.len(), 1);
     assert_eq!(daily[0]["args"]["timezone"], "America/New_York");
+}
+
+/// Fails for good at its first attempt (a permanent error).
+#[derive(Serialize, Deserialize)]
+struct Doomed;
+
+impl Job for Doomed {
+    const KIND: &'static str = "doomed";
+
+    async fn run(self, _ctx: JobContext) -> Result<Value, JobError> {
+        Err(JobError::permanent("doomed from the start"))
+    }
+}
+
+/// Fails an ordinary (retryable) way, with one attempt allowed: dead after it.
+#[derive(Serialize, Deserialize)]
+struct Spent;
+
+impl Job for Spent {
+    const KIND: &'static str = "spent";
+    const MAX_ATTEMPTS: i32 = 1;
+
+    async fn run(self, _ctx: JobContext) -> Result<Value, JobError> {
+        Err(JobError::retry("out of attempts"))
+    }
+}
+
+/// Completes at once.
+#[derive(Serialize, Deserialize)]
+struct Chore;
+
+impl Job for Chore {
+    const KIND: &'static str = "chore";
+
+    async fn run(self, _ctx: JobContext) -> Result<Value, JobError> {
+        Ok(json!({"done": true}))
+    }
+}
+
+/// Enqueues `jobs` for `tenant` in one transaction; returns their ids in order.
+async fn enqueue_all<J: Job>(db: &Db, tenant: &str, batch: &[J], how: Enqueue<'_>) -> Vec<Uuid> {
+    let tenant = TenantId::from_uuid(tenant.parse().expect("tenant id"));
+    let mut tx = scope::begin(db.primary(), tenant).await.expect("begin");
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut wakes = Vec::new();
+    for job in batch {
+        let enqueued = jobs::enqueue(&mut tx, tenant, job, how.clone())
+            .await
+            .expect("enqueue");
+        ids.push(enqueued.id);
+        wakes.push(enqueued.wake);
+    }
+    tx.commit().await.expect("commit");
+    for wake in wakes {
+        wake.after_commit(db);
+    }
+    ids
+}
+
+/// Sets when finished jobs of the tenant finished, inside its scope (the way time passing would).
+async fn set_finished_at(app: &TestApp, tenant: &str, ids: &[Uuid], at: DateTime<Utc>) {
+    let mut tx = app.pool.begin().await.expect("begin");
+    sqlx::query("select set_config('app.tenant_id', $1, true)")
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await
+        .expect("scope");
+    let done = sqlx::query(
+        "update jobs set finished_at = $2
+          where id = any($1) and state in ('completed', 'dead', 'cancelled')",
+    )
+    .bind(ids)
+    .bind(at)
+    .execute(&mut *tx)
+    .await
+    .expect("update");
+    assert_eq!(done.rows_affected(), ids.len() as u64, "every job finished");
+    tx.commit().await.expect("commit");
+}
+
+/// A tenant on `timezone`'s wall clock, with one key of each role.
+async fn zoned_tenant(app: &TestApp, slug: &str, timezone: &str) -> Tenant {
+    let res = app
+        .post(
+            "/v1/tenants",
+            &app.admin_token,
+            json!({"name": slug, "slug": slug, "settings": {"timezone": timezone}}),
+        )
+        .await;
+    let id = expect_json(res, StatusCode::CREATED).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    Tenant {
+        admin: app.create_key(&id, "admin").await,
+        operator: app.create_key(&id, "operator").await,
+        viewer: app.create_key(&id, "viewer").await,
+        id,
+    }
+}
+
+fn timestamp(value: &Value) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(value.as_str().expect("a timestamp"))
+        .expect("RFC 3339")
+        .with_timezone(&Utc)
+}
+
+/// The tenant's reflections of `kind` (`daily` or `weekly`), newest first.
+async fn reflections_of(app: &TestApp, token: &str, kind: &str) -> Vec<Value> {
+    let listed = expect_json(
+        app.get(&format!("/v1/reflections?kind={kind}"), token)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    listed["items"].as_array().expect("items").clone()
+}
+
+#[tokio::test]
+async fn reflections_count_violations_and_dead_jobs_and_a_weekly_review_covers_its_week() {
+    let app = TestApp::spawn().await;
+    let k = zoned_tenant(&app, "kolkata-week", "Asia/Kolkata").await;
+    let utc = app.tenant("utc-week").await;
+    let pool = platform(&app);
+
+    // Two rules on S3: a warning on load and a critical on errors; both hold, then load recovers.
+    let res = app
+        .post(
+            "/v1/policies",
+            &k.admin,
+            json!({"name": "s3", "rules": [
+                {"system": 3, "path": "/load", "op": "gt", "threshold": 0.9,
+                 "severity": "warning", "message": "S3 load above 90%"},
+                {"system": 3, "path": "/errors", "op": "gt", "threshold": 10,
+                 "severity": "critical", "message": "S3 failing"}
+            ]}),
+        )
+        .await;
+    expect_json(res, StatusCode::CREATED).await;
+    pool.run_due(Queue::Critical, 10).await.expect("evaluate");
+    record(&app, &k, 3, json!({"load": 0.95, "errors": 20})).await;
+    pool.run_due(Queue::Critical, 10).await.expect("evaluate");
+    record(&app, &k, 3, json!({"load": 0.5, "errors": 20})).await;
+    pool.run_due(Queue::Critical, 10).await.expect("evaluate");
+    let open = expect_json(
+        app.get("/v1/violations?state=open", &k.viewer).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(open["items"].as_array().map(Vec::len), Some(1), "{open}");
+    assert_eq!(open["items"][0]["severity"], "critical");
+
+    // Jobs that die: two at once (a permanent error), one on its last attempt; and one of another
+    // tenant's, which this tenant's reflections must not count.
+    let (failing, db) = pool_running(
+        &app.db_name,
+        Registry::new().register::<Doomed>().register::<Spent>(),
+        config(),
+    );
+    let doomed = enqueue_all(&db, &k.id, &[Doomed, Doomed], Enqueue::default()).await;
+    let spent = enqueue_all(&db, &k.id, &[Spent], Enqueue::default()).await;
+    enqueue_all(&db, &utc.id, &[Doomed], Enqueue::default()).await;
+    let ran = failing.run_due(Queue::Default, 10).await.expect("run");
+    assert_eq!(ran.len(), 4);
+    let dead = list_jobs(&app, &k.viewer, "state=dead&").await;
+    assert_eq!(dead.len(), 3, "{dead:?}");
+
+    // The next 18:00 in Kolkata (UTC+05:30, no daylight saving) after these writes, and the next
+    // Friday 18:00 there: the daily and weekly periods that end then both hold this activity.
+    let ist = chrono::FixedOffset::east_opt(5 * 3600 + 1800).expect("offset");
+    let at_six = |day: NaiveDate| {
+        day.and_hms_opt(18, 0, 0)
+            .expect("18:00")
+            .and_local_timezone(ist)
+            .single()
+            .expect("one instant")
+            .with_timezone(&Utc)
+    };
+    let now = Utc::now();
+    let mut day = now.with_timezone(&ist).date_naive();
+    if at_six(day) <= now {
+        day = day.succ_opt().expect("tomorrow");
+    }
+    let daily_end = at_six(day);
+    while day.weekday() != chrono::Weekday::Fri {
+        day = day.succ_opt().expect("next day");
+    }
+    let weekly_end = at_six(day);
+    let week = chrono::Duration::days(7);
+
+    // The daily tick alone (the weekly schedule off in this pool): only Kolkata's 18:00 falls on it.
+    let daily_pool = platform_with(&app, &[("CRON_WEEKLY_REVIEW", "off")]);
+    let created = daily_pool
+        .enqueue_ticks(daily_end - chrono::Duration::seconds(1), daily_end)
+        .await
+        .expect("enqueue");
+    assert_eq!(created, 1, "one daily tick, for the Kolkata tenant");
+    let ran = daily_pool.run_due(Queue::Analysis, 10).await.expect("run");
+    assert_eq!(ran.len(), 1);
+    let daily = reflections_of(&app, &k.viewer, "daily").await;
+    assert_eq!(daily.len(), 1);
+    assert_eq!(timestamp(&daily[0]["period_end"]), daily_end);
+    assert_eq!(
+        timestamp(&daily[0]["period_start"]),
+        daily_end - chrono::Duration::days(1)
+    );
+    let violations = json!({
+        "opened": 2,
+        "opened_by_severity": {"warning": 1, "critical": 1},
+        "resolved": 1,
+        "open_at_end": 1,
+    });
+    assert_eq!(
+        daily[0]["summary"],
+        json!({
+            "states": {"recorded": 2, "by_system": {"3": 2}},
+            "episodes": {"created": 0, "words": 0, "newest": []},
+            "violations": violations,
+            "failed_jobs": {"count": 3, "by_kind": {"doomed": 2, "spent": 1}},
+        })
+    );
+
+    // Two of the dead jobs finished long ago: one exactly at the week's start (counted: a period
+    // includes its start), one just before it (not counted).
+    let start = weekly_end - week;
+    set_finished_at(&app, &k.id, &doomed[..1], start).await;
+    set_finished_at(
+        &app,
+        &k.id,
+        &spent,
+        start - chrono::Duration::milliseconds(1),
+    )
+    .await;
+
+    // The weekly tick, Friday 18:00 on the tenant's clock, with the daily schedule off.
+    let weekly_pool = platform_with(&app, &[("CRON_DAILY_REFLECTION", "off")]);
+    let created = weekly_pool
+        .enqueue_ticks(weekly_end - chrono::Duration::seconds(1), weekly_end)
+        .await
+        .expect("enqueue");
+    assert_eq!(created, 1, "one weekly tick, for the Kolkata tenant");
+    assert!(jobs_of(&app, &utc.viewer, "weekly_review").await.is_empty());
+    let job = &jobs_of(&app, &k.viewer, "weekly_review").await[0];
+    assert_eq!(job["args"]["timezone"], "Asia/Kolkata");
+    assert_eq!(timestamp(&job["args"]["at"]), weekly_end);
+    let ran = weekly_pool.run_due(Queue::Analysis, 10).await.expect("run");
+    assert_eq!(ran.len(), 1);
+    let weekly = reflections_of(&app, &k.viewer, "weekly").await;
+    assert_eq!(weekly.len(), 1);
+    let review = &weekly[0];
+    assert_eq!(review["kind"], "weekly");
+    assert_eq!(review["timezone"], "Asia/Kolkata");
+    let end = timestamp(&review["period_end"]);
+    assert_eq!(end, weekly_end);
+    let local_end = end.with_timezone(&ist);
+    assert_eq!(local_end.weekday(), chrono::Weekday::Fri);
+    assert_eq!(local_end.format("%H:%M:%S").to_string(), "18:00:00");
+    assert_eq!(timestamp(&review["period_start"]), start);
+    assert_eq!(
+        review["summary"],
+        json!({
+            "states": {"recorded": 2, "by_system": {"3": 2}},
+            "episodes": {"created": 0, "words": 0, "newest": []},
+            "violations": violations,
+            "failed_jobs": {"count": 2, "by_kind": {"doomed": 2}},
+        })
+    );
+    let announced = events_of(&app, &k.viewer, "reflection.created").await;
+    let ids: Vec<&Value> = announced.iter().map(|e| &e["data"]["id"]).collect();
+    assert_eq!(ids, [&daily[0]["id"], &review["id"]]);
+    assert_eq!(announced[1]["data"]["summary"], review["summary"]);
+    // The daily reflection was summarised when it ran: moving the jobs later changed nothing.
+    assert_eq!(reflections_of(&app, &k.viewer, "daily").await, daily);
+    assert!(reflections_of(&app, &utc.viewer, "weekly").await.is_empty());
+}
+
+#[tokio::test]
+async fn retention_prunes_old_completed_and_dead_jobs_in_batches_and_keeps_the_rest() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("retention").await;
+    let (pool, db) = pool_running(
+        &app.db_name,
+        Registry::new().register::<Chore>().register::<Doomed>(),
+        config(),
+    );
+    let retention = config().retention;
+    let day = chrono::Duration::days(1);
+    let job_retention = chrono::Duration::from_std(retention).expect("retention");
+    let failed_retention = chrono::Duration::from_std(FAILED_RETENTION).expect("retention");
+
+    // More eligible jobs than prune_jobs deletes in one statement (1000), of both kinds of
+    // retention, next to finished jobs that must stay.
+    let completed = enqueue_all(
+        &db,
+        &t.id,
+        &(0..702).map(|_| Chore).collect::<Vec<_>>(),
+        Enqueue::default(),
+    )
+    .await;
+    let dead = enqueue_all(
+        &db,
+        &t.id,
+        &(0..401).map(|_| Doomed).collect::<Vec<_>>(),
+        Enqueue::default(),
+    )
+    .await;
+    let scheduled = enqueue_all(
+        &db,
+        &t.id,
+        &[Chore],
+        Enqueue {
+            run_at: Some(Utc::now() + chrono::Duration::hours(1)),
+            ..Enqueue::default()
+        },
+    )
+    .await[0];
+    let ran = pool.run_due(Queue::Default, 2000).await.expect("run");
+    assert_eq!(ran.len(), 702 + 401, "everything due ran once");
+    let (recent, completed) = completed.split_first().expect("jobs");
+    let (younger_than_retention, old_completed) = completed.split_first().expect("jobs");
+    let (dead_kept, old_dead) = dead.split_first().expect("jobs");
+    assert_eq!(old_completed.len() + old_dead.len(), 1100);
+
+    let now = Utc::now();
+    // Completed: past JOB_RETENTION (pruned), and a day short of it (kept).
+    set_finished_at(&app, &t.id, old_completed, now - job_retention - day).await;
+    set_finished_at(
+        &app,
+        &t.id,
+        &[*younger_than_retention],
+        now - job_retention + day,
+    )
+    .await;
+    // Dead: past 30 days (pruned), and past JOB_RETENTION but a day short of 30 days (kept).
+    set_finished_at(&app, &t.id, old_dead, now - failed_retention - day).await;
+    set_finished_at(&app, &t.id, &[*dead_kept], now - failed_retention + day).await;
+
+    // The retentions upkeep prunes with: every eligible job, across batches, and nothing else.
+    let pruned = maintenance::prune(&db, retention, FAILED_RETENTION, &CancellationToken::new())
+        .await
+        .expect("prune");
+    assert_eq!(pruned, 1100);
+    let again = maintenance::prune(&db, retention, FAILED_RETENTION, &CancellationToken::new())
+        .await
+        .expect("prune");
+    assert_eq!(again, 0, "nothing left to prune");
+
+    let left: HashMap<String, String> = list_jobs(&app, &t.viewer, "")
+        .await
+        .iter()
+        .map(|j| {
+            (
+                j["id"].as_str().expect("id").to_owned(),
+                j["state"].as_str().expect("state").to_owned(),
+            )
+        })
+        .collect();
+    let expected: HashMap<String, String> = [
+        (recent, "completed"),
+        (younger_than_retention, "completed"),
+        (dead_kept, "dead"),
+        (&scheduled, "scheduled"),
+    ]
+    .into_iter()
+    .map(|(id, state)| (id.to_string(), state.to_owned()))
+    .collect();
+    assert_eq!(left, expected);
+    for id in [old_completed[0], old_dead[0]] {
+        expect_problem(
+            app.get(&format!("/v1/jobs/{id}"), &t.viewer).await,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+    }
 }
