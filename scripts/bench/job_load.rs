@@ -3,7 +3,9 @@
 //!
 //! 1. enqueue latency: `producers` tasks each enqueue their share of `jobs` no-op jobs, each in a
 //!    tenant transaction of its own (`tx`: `jobs::enqueue`, as a request handler enqueues with its
-//!    write) or on its own (`alone`: `jobs::enqueue_alone`, one statement);
+//!    write) or on its own (`alone`: `jobs::enqueue_alone`, one statement). `enqueue_ms` is the
+//!    whole of it (with `tx`: begin, enqueue, commit); `enqueue_call_ms` the enqueue call alone
+//!    (with `tx`: what adding the job costs a transaction that writes anyway);
 //! 2. drain: a pool with `concurrency` slots on the default queue (and `prefetch`) runs them all;
 //!    jobs/s from its start until none is left unfinished in the database (looked up once every
 //!    handler has run: the count is a query over the tenant's jobs, and running it every few
@@ -62,19 +64,23 @@ fn percentiles(mut v: Vec<f64>) -> Value {
     json!({"count": v.len(), "p50": at(0.5), "p95": at(0.95), "p99": at(0.99), "max": at(1.0)})
 }
 
-async fn enqueue_one(db: &Db, tenant: TenantId, alone: bool) -> anyhow::Result<()> {
+/// Enqueues one job; returns how long the enqueue call itself took.
+async fn enqueue_one(db: &Db, tenant: TenantId, alone: bool) -> anyhow::Result<Duration> {
     let job = Noop {
         t: cybernetic::events::now_us(),
     };
     if alone {
+        let call = Instant::now();
         let _woken_already = jobs::enqueue_alone(db, tenant, &job, Enqueue::default()).await?;
-        return Ok(());
+        return Ok(call.elapsed());
     }
     let mut tx = scope::begin(db.primary(), tenant).await?;
+    let call = Instant::now();
     let enqueued = jobs::enqueue(&mut tx, tenant, &job, Enqueue::default()).await?;
+    let call = call.elapsed();
     tx.commit().await?;
     enqueued.wake.after_commit(db);
-    Ok(())
+    Ok(call)
 }
 
 async fn unfinished(db: &Db, tenant: TenantId) -> anyhow::Result<i64> {
@@ -128,17 +134,22 @@ async fn main() -> anyhow::Result<()> {
         let share = jobs / producers;
         tasks.spawn(async move {
             let mut lat = Vec::with_capacity(share);
+            let mut calls = Vec::with_capacity(share);
             for _ in 0..share {
                 let t = Instant::now();
-                enqueue_one(&db, tenant, alone).await?;
+                let call = enqueue_one(&db, tenant, alone).await?;
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                calls.push(call.as_secs_f64() * 1000.0);
             }
-            anyhow::Ok(lat)
+            anyhow::Ok((lat, calls))
         });
     }
     let mut enqueue_lat = Vec::with_capacity(jobs);
+    let mut call_lat = Vec::with_capacity(jobs);
     while let Some(done) = tasks.join_next().await {
-        enqueue_lat.extend(done??);
+        let (lat, calls) = done??;
+        enqueue_lat.extend(lat);
+        call_lat.extend(calls);
     }
     let enqueue_s = started.elapsed().as_secs_f64();
     let enqueued = enqueue_lat.len();
@@ -190,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
             "prefetch": prefetch,
             "enqueue_per_s": (enqueued as f64 / enqueue_s).round(),
             "enqueue_ms": percentiles(enqueue_lat),
+            "enqueue_call_ms": percentiles(call_lat),
             "drain_s": (drain_s * 1000.0).round() / 1000.0,
             "drain_jobs_per_s": (enqueued as f64 / drain_s).round(),
             "pickup_ms": percentiles(pickups),
