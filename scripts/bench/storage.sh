@@ -6,7 +6,9 @@
 # the page cache), and the server's peak RSS growth over its idle size.
 #
 # Every write starts with nothing left to flush (sync), so neither dd nor the PUT shares the disk
-# with the writeback of an earlier file. Reads are measured twice: cold, after dropping the page
+# with the writeback of an earlier file. The disk's speed here moves by a factor of two within
+# minutes, so on the local backend each size runs ROUNDS times, each round dd and then the object
+# right after it, and the table gives the medians: of each speed, and of each round's ratio. Reads are measured twice: cold, after dropping the page
 # cache (the disk's read speed; needs root, else those columns show -), and warm, just after the
 # write (an object read soon after it was stored).
 #
@@ -14,6 +16,7 @@
 #
 #   SIZES        space-separated sizes in MiB (default "1024 4096")
 #   BACKENDS     "local s3" (default)
+#   ROUNDS       rounds per size on the local backend (default 3; the S3 server runs each once)
 #   BENCH_DIR    where the local root and the source files go (default: a temp dir under $TMPDIR)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -24,6 +27,7 @@ write=0
 
 sizes=${SIZES:-1024 4096}
 backends=${BACKENDS:-local s3}
+rounds=${ROUNDS:-3}
 superuser=${PG_SUPERUSER_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 s3_endpoint=${TEST_S3_ENDPOINT:-http://127.0.0.1:5000}
 command -v curl >/dev/null || { echo "bench: curl is needed" >&2; exit 1; }
@@ -76,14 +80,6 @@ disk() {
   rm -f "$work/dd.bin"
   echo "$write $read $warm"
 }
-declare -A disk_write disk_read disk_warm
-for mib in $sizes; do
-  echo "bench: disk baseline (dd, $mib MiB, conv=fsync)" >&2
-  read -r w r c < <(disk "$mib")
-  disk_write[$mib]=$w
-  disk_read[$mib]=$r
-  disk_warm[$mib]=$c
-done
 
 results=$work/results.txt
 : >"$results"
@@ -106,13 +102,18 @@ PY
   server=$!
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/health/ready" >/dev/null && break; sleep 0.1; done
   idle_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/$server/status")
+  n=1
+  [[ $backend == local ]] && n=$rounds
   for mib in $sizes; do
-    src=$work/source.bin
-    head -c $((mib << 20)) /dev/zero >"$src"
+   src=$work/source.bin
+   head -c $((mib << 20)) /dev/zero >"$src"
+   for round in $(seq 1 "$n"); do
+    echo "bench: disk (dd, $mib MiB, conv=fsync), round $round" >&2
+    read -r disk_w disk_r disk_c < <(disk "$mib")
     # The source stays in the page cache, clean: curl reads it from memory, and the PUT's writes
     # have the disk to themselves.
     sync
-    echo "bench: $backend, $mib MiB" >&2
+    echo "bench: $backend, $mib MiB, round $round" >&2
     put=$(curl -fsS -o /dev/null -w '%{time_total}' -H "Authorization: Bearer $key" \
       -H 'content-type: application/octet-stream' -T "$src" "http://127.0.0.1:$port/v1/artifacts/bench/$mib.bin")
     peak_put_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$server/status")
@@ -126,28 +127,47 @@ PY
       get=$(mib_per_s $((mib << 20)) "$(get_once)")
     fi
     peak_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$server/status")
-    rm -f "$src"
-    printf '%s %s %s %s %s %s %s %s\n' "$backend" "$mib" \
+    # Each round stores the object anew, not over the one before.
+    curl -fsS -o /dev/null -X DELETE -H "Authorization: Bearer $key" \
+      "http://127.0.0.1:$port/v1/artifacts/bench/$mib.bin"
+    printf '%s %s %s %s %s %s %s %s %s %s %s\n' "$backend" "$mib" "$disk_w" "$disk_r" "$disk_c" \
       "$(mib_per_s $((mib << 20)) "$put")" "$get" "$(mib_per_s $((mib << 20)) "$warm")" \
       "$(( (peak_put_kib - idle_kib) / 1024 ))" "$(( (peak_kib - idle_kib) / 1024 ))" \
       "$(( idle_kib / 1024 ))" >>"$results"
     tail -1 "$results" >&2
+   done
+   rm -f "$src"
   done
   kill "$server"
   wait "$server" 2>/dev/null || true
   server=
 done
 
-table=$(
-  echo "| backend | size | disk write MiB/s | PUT MiB/s | PUT % | disk read (cold) MiB/s | GET (cold) MiB/s | GET % | page-cache read MiB/s | GET (warm) MiB/s | GET warm % | RSS growth after PUT MiB | after GET MiB | idle RSS MiB |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-  pct() { [[ $1 == - || $2 == - ]] && echo - || echo "$(($1 * 100 / $2))%"; }
-  while read -r backend mib put get warm growth_put growth idle; do
-    w=${disk_write[$mib]} r=${disk_read[$mib]} c=${disk_warm[$mib]}
-    printf '| %s | %s MiB | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$backend" "$mib" \
-      "$w" "$put" "$(pct "$put" "$w")" "$r" "$get" "$(pct "$get" "$r")" \
-      "$c" "$warm" "$(pct "$warm" "$c")" "$growth_put" "$growth" "$idle"
-  done <"$results"
+table=$(python3 - "$results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    backend, mib, *rest = line.split()
+    rows.setdefault((backend, int(mib)), []).append(rest)
+def num(v):
+    return None if v == "-" else float(v)
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+def cell(v, fmt="{:.0f}"):
+    return "-" if v is None else fmt.format(v)
+print("| backend | size | rounds | disk write MiB/s | PUT MiB/s | PUT % | disk read (cold) MiB/s | GET (cold) MiB/s | GET % | page-cache read MiB/s | GET (warm) MiB/s | GET warm % | RSS growth after PUT MiB | after GET MiB | idle RSS MiB |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for (backend, mib), runs in rows.items():
+    col = lambda i: [num(r[i]) for r in runs]
+    # Each round's ratio to the disk measured just before it; the median of those.
+    ratio = lambda a, b: med([x / y * 100 if x is not None and y else None for x, y in zip(col(a), col(b))])
+    dw, dr, dc, put, get, warm = (med(col(i)) for i in range(6))
+    grow_put, grow, idle = (max(int(r[i]) for r in runs) for i in (6, 7, 8))
+    print(f"| {backend} | {mib} MiB | {len(runs)} | {cell(dw)} | {cell(put)} | {cell(ratio(3, 0), '{:.0f}%')} | "
+          f"{cell(dr)} | {cell(get)} | {cell(ratio(4, 1), '{:.0f}%')} | {cell(dc)} | {cell(warm)} | "
+          f"{cell(ratio(5, 2), '{:.0f}%')} | {grow_put} | {grow} | {idle} |")
+PY
 )
 echo
 echo "$table"
@@ -157,10 +177,11 @@ if ((write)); then
   {
     echo "## Artifact storage: streaming through the API"
     echo
-    echo "- command: \`scripts/bench/storage.sh --write\` (SIZES=\"$sizes\" MiB, BACKENDS=\"$backends\")"
+    echo "- command: \`scripts/bench/storage.sh --write\` (SIZES=\"$sizes\" MiB, BACKENDS=\"$backends\", ROUNDS=$rounds)"
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit \`$(git describe --always --dirty --abbrev=12)\`"
     echo "- machine: $(nproc) CPUs, $(LC_ALL=C lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1), $(awk '/^MemTotal:/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo); filesystem $(df -T "$work" | awk 'NR==2 {print $2}')"
-    echo "- disk in the same run, per size: write with \`dd bs=1M conv=fsync\` of that many MiB, after a \`sync\`; read with \`dd bs=1M\` of that file twice: just after the write (from the page cache) and after dropping the page cache (from the disk)"
+    echo "- disk in the same run, before each round of each size: write with \`dd bs=1M conv=fsync\` of that many MiB, after a \`sync\`; read with \`dd bs=1M\` of that file twice: just after the write (from the page cache) and after dropping the page cache (from the disk)"
+    echo "- local backend: $rounds rounds per size; speeds are the medians over the rounds, each % the median of the rounds' own ratios (PUT to the dd write just before it, and so on); RSS growth the largest of the rounds. s3: one round"
     echo "- PUT: after a \`sync\`, so the source file (in the page cache) is not being written back meanwhile; GET (warm) just after the PUT, GET (cold) after dropping the page cache (local backend only: moto keeps objects in its memory)"
     echo "- each object: one \`curl -T\` PUT (streamed, Content-Length set) then one GET to /dev/null, through \`cybernetic serve\` (release build) on 127.0.0.1; s3 is moto_server on the same machine (it keeps objects in its own memory)"
     echo
