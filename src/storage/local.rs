@@ -2,15 +2,18 @@
 //!
 //! Layout under the root: `objects/<path>\` holds an object (the trailing `\`, a character keys
 //! may not contain, keeps an object `a` and the objects under `a/` apart), and `.tmp/` holds
-//! uploads in progress. An object's file is its bytes followed by a trailer: its metadata as JSON,
-//! the JSON's length (8 bytes, little-endian) and the magic `CYBOBJ\0\x01`.
+//! uploads in progress, each open store's in a directory of its own. An object's file is its
+//! bytes followed by a trailer: its metadata as JSON, the JSON's length (8 bytes, little-endian)
+//! and the magic `CYBOBJ\0\x01`.
 //!
-//! A put streams the body into a new file in `.tmp/` (constant memory, hashing as it goes), writes
+//! A put streams the body into a new file in its store's directory under `.tmp/` (constant
+//! memory, hashing as it goes), writes
 //! the trailer, fsyncs the file, renames it into place (or links it, when it must not replace an
 //! object) and fsyncs the directory (and the ones above it, when the put created directories or
 //! found ones that another put created and has not fsynced yet):
 //! readers see the old object or the whole new one, never a part, and a crash leaves at most a
-//! temp file, which [`LocalStorage::open`] removes at the next start.
+//! temp file, which the next [`LocalStorage::open`] on the root removes (in this process or any
+//! other).
 //! Symbolic links are never followed: a path through one is refused.
 //!
 //! Speed: while a body arrives, the disk is asked to start writing what has been received every
@@ -60,13 +63,14 @@ const READ_AHEAD: usize = 2;
 /// the disk keeps reading while the reader waits for the client, instead of only when a read
 /// finds the page cache empty.
 const PREFETCH_WINDOW: u64 = 64 * 1024 * 1024;
-/// A temp file not written to for this long belongs to an upload that will never finish.
+/// A loose temp file (directly in `.tmp/`, as builds before per-process upload directories left
+/// them) not written to for this long belongs to an upload that will never finish.
 pub const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
     objects: PathBuf,
-    tmp: PathBuf,
+    uploads: Arc<Uploads>,
     /// Directories a put of this process created whose entries may not be on disk yet (marked
     /// before they are created, cleared once the directories above them were fsynced). A put
     /// that finds its directory already there, but made by a put still in progress, fsyncs the
@@ -75,10 +79,77 @@ pub struct LocalStorage {
     unsynced: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
+/// This process's directory for uploads in progress, `.tmp/<random>/`, locked (`flock`) for as
+/// long as the store is open. The kernel lets the lock go when the process ends, however it ends,
+/// so an unlocked directory is one whose process is gone: its temp files are uploads that will
+/// never finish. Removed, with what is in it, when the store is dropped.
+#[derive(Debug)]
+struct Uploads {
+    dir: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl Drop for Uploads {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Takes the exclusive lock of an upload directory without waiting: `None` while another open
+/// store (of this process or another) holds it.
+#[cfg(unix)]
+fn try_lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(dir)?;
+    // SAFETY: the descriptor belongs to `file`, open for the whole call; flock only reads it.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(file));
+    }
+    match std::io::Error::last_os_error() {
+        e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        e => Err(e),
+    }
+}
+
+#[cfg(not(unix))]
+fn try_lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    // Without flock no directory can be shown abandoned; only stale loose files are removed.
+    std::fs::File::open(dir).map(|_| None)
+}
+
+/// Removes what uploads of processes that are gone left in `tmp`: every directory no open store
+/// holds, and loose files untouched for [`STALE_UPLOAD`]. Returns how many entries it removed.
+fn sweep_uploads(tmp: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(tmp)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            // Holding the lock while removing: a store starting meanwhile cannot take it over.
+            if let Some(_lock) = try_lock(&entry.path())? {
+                std::fs::remove_dir_all(entry.path())?;
+                removed += 1;
+            }
+            continue;
+        }
+        let idle = entry
+            .metadata()?
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if idle >= STALE_UPLOAD {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 impl LocalStorage {
     /// Opens the store at `root` (creating it), and removes what uploads cut off by a crash left
-    /// in its temp directory: temp files untouched for [`STALE_UPLOAD`], so the uploads in progress
-    /// of another process sharing the root (a `serve` and a `worker` on one volume) are left be.
+    /// in its temp directory (see [`Uploads`]): the uploads in progress of another process sharing
+    /// the root (a `serve` and a `worker` on one volume) are left be.
     pub async fn open(root: impl AsRef<Path>) -> Result<Self, StorageError> {
         let root = root.as_ref();
         fs::create_dir_all(root).await?;
@@ -87,31 +158,23 @@ impl LocalStorage {
         let tmp = root.join(".tmp");
         fs::create_dir_all(&objects).await?;
         fs::create_dir_all(&tmp).await?;
-        let mut entries = fs::read_dir(&tmp).await?;
-        let mut removed = 0;
-        while let Some(entry) = entries.next_entry().await? {
-            let meta = entry.metadata().await?;
-            let idle = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .unwrap_or_default();
-            if idle < STALE_UPLOAD {
-                continue;
+        let uploads = tokio::task::spawn_blocking(move || {
+            let removed = sweep_uploads(&tmp)?;
+            if removed > 0 {
+                tracing::info!(removed, "removed uploads left unfinished by an earlier run");
             }
-            if meta.is_dir() {
-                fs::remove_dir_all(entry.path()).await?;
-            } else {
-                fs::remove_file(entry.path()).await?;
-            }
-            removed += 1;
-        }
-        if removed > 0 {
-            tracing::info!(removed, "removed uploads left unfinished by an earlier run");
-        }
+            let dir = tmp.join(uuid::Uuid::new_v4().simple().to_string());
+            std::fs::create_dir(&dir)?;
+            let lock = try_lock(&dir)?.ok_or_else(|| {
+                std::io::Error::other("a new upload directory is locked by someone else")
+            })?;
+            Ok::<_, std::io::Error>(Uploads { dir, _lock: lock })
+        })
+        .await
+        .map_err(|e| StorageError::Backend(format!("opening the store failed: {e}")))??;
         Ok(Self {
             objects,
-            tmp,
+            uploads: Arc::new(uploads),
             unsynced: Arc::default(),
         })
     }
@@ -183,7 +246,8 @@ impl LocalStorage {
         options: PutOptions,
     ) -> Result<(PathBuf, ObjectMeta), StorageError> {
         let temp = self
-            .tmp
+            .uploads
+            .dir
             .join(format!("{}.upload", uuid::Uuid::new_v4().simple()));
         let file = File::create(&temp).await?;
         // Removes the temp file if this future is dropped mid-upload (the client went away).

@@ -60,6 +60,32 @@ async fn read_all(
     out
 }
 
+/// The upload directories under a local root's `.tmp/`.
+fn upload_dirs(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(root.join(".tmp"))
+        .expect("tmp")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// Temp files of uploads anywhere under a local root's `.tmp/`.
+fn uploads_under(root: &std::path::Path) -> usize {
+    let mut count = 0;
+    let mut dirs = vec![root.join(".tmp")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("tmp") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "upload") {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
@@ -390,10 +416,39 @@ async fn the_local_backend_cleans_unfinished_uploads_and_never_follows_links() {
         .expect("age the file");
     let live = root.join(".tmp").join("cafe.upload");
     std::fs::write(&live, b"in progress").expect("write");
+    // The upload directory of a process that is gone (nobody holds its lock), with an upload it
+    // was writing a moment ago: removed at once, however fresh.
+    let gone = root.join(".tmp").join("0123abcd");
+    std::fs::create_dir(&gone).expect("mkdir");
+    std::fs::write(gone.join("feed.upload"), b"cut off").expect("write");
+    // The directory of the store still open here, with an upload in it: left alone.
+    let open_dirs: Vec<_> = upload_dirs(&root);
+    assert_eq!(
+        open_dirs.len(),
+        2,
+        "the open store's directory and the planted one"
+    );
+    let mine = open_dirs
+        .into_iter()
+        .find(|d| *d != gone)
+        .expect("the open store's directory");
+    let in_progress = mine.join("beef.upload");
+    std::fs::write(&in_progress, b"in progress").expect("write");
     let reopened = LocalStorage::open(&root).await.expect("reopen");
     assert!(!stale.exists(), "the stale upload is removed");
-    assert!(live.exists(), "a live upload is left alone");
+    assert!(live.exists(), "a fresh loose upload is left alone");
+    assert!(!gone.exists(), "an abandoned upload directory is removed");
+    assert!(
+        in_progress.exists(),
+        "an open store's uploads are left alone"
+    );
     std::fs::remove_file(&live).expect("remove");
+    assert_eq!(upload_dirs(&root).len(), 2, "one directory per open store");
+    drop(storage);
+    assert!(
+        !mine.exists(),
+        "a store removes its directory when it closes"
+    );
     assert_eq!(read_all(&reopened, &kept, None).await, b"kept");
 
     // A link planted inside the tree, pointing outside it, is refused, not followed.
@@ -605,10 +660,6 @@ async fn a_cancelled_upload_leaves_nothing_on_local_or_memory() {
                 .is_empty()
         );
     }
-    assert_eq!(
-        std::fs::read_dir(root.join(".tmp")).expect("tmp").count(),
-        0,
-        "no temp file is left behind"
-    );
+    assert_eq!(uploads_under(&root), 0, "no temp file is left behind");
     let _ = std::fs::remove_dir_all(&root);
 }
