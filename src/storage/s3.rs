@@ -36,6 +36,9 @@ use crate::config::Secret;
 
 /// The user-metadata key the object's SHA-256 is kept under.
 const SHA256_KEY: &str = "cyb-sha256";
+/// When a cancelled multipart upload is aborted a second time, for parts that S3 was still
+/// storing during the first abort.
+const ABORT_AGAIN: std::time::Duration = std::time::Duration::from_secs(10);
 /// S3's smallest part (all but the last).
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 
@@ -128,9 +131,9 @@ impl S3Storage {
             key: key.to_owned(),
             upload_id: Some(upload_id.clone()),
         };
+        let mut in_flight = FuturesUnordered::new();
         let uploaded = async {
             let mut done_parts = Vec::new();
-            let mut in_flight = FuturesUnordered::new();
             let mut number = 0;
             let mut ready = Some(first);
             loop {
@@ -173,9 +176,11 @@ impl S3Storage {
             Ok::<(), StorageError>(())
         }
         .await;
-        guard.upload_id = None;
         if uploaded.is_err() {
-            // No part is left behind to be stored (and billed) for nothing.
+            // No part is left behind to be stored (and billed) for nothing. Parts still being
+            // sent are let finish (or fail) first: S3 may store a part that was in flight during
+            // an abort, after it.
+            while in_flight.next().await.is_some() {}
             if let Err(e) = self
                 .client
                 .abort_multipart_upload()
@@ -188,6 +193,9 @@ impl S3Storage {
                 tracing::warn!(key, error = %e, "could not abort a failed multipart upload");
             }
         }
+        // Done, or aborted above: from here a drop of this future leaves nothing to abort. (If
+        // it is dropped while the abort above runs, the guard aborts the upload itself.)
+        guard.upload_id = None;
         uploaded
     }
 
@@ -382,9 +390,13 @@ impl Drop for AbortOnDrop {
             .upload_id(upload_id);
         let key = self.key.clone();
         runtime.spawn(async move {
-            if let Err(e) = abort.send().await {
+            if let Err(e) = abort.clone().send().await {
                 tracing::warn!(%key, error = %e, "could not abort a cancelled multipart upload");
             }
+            // The parts' requests were cut off, but one S3 had fully received may still be
+            // stored after the abort: S3's advice is to abort again once they have settled.
+            tokio::time::sleep(ABORT_AGAIN).await;
+            let _already_gone = abort.send().await;
         });
     }
 }
