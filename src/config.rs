@@ -684,4 +684,234 @@ mod tests {
         let c = load(&[("DATABASE_URL", "postgres://app:hunter2@db/cybernetic")]).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
+
+    fn s3(c: &Config) -> &S3Config {
+        match &c.storage.backend {
+            StorageBackend::S3(s3) => s3,
+            other => panic!("not the s3 backend: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_storage_backend_is_chosen_by_configuration() {
+        // Nothing set: the local backend under ./data, and artifacts of up to 5 GiB.
+        let c = load(&[]).unwrap();
+        assert!(
+            matches!(&c.storage.backend, StorageBackend::Local { root } if root.as_path() == std::path::Path::new("data")),
+            "{:?}",
+            c.storage.backend
+        );
+        assert_eq!(c.storage.max_bytes, 5 * 1024 * 1024 * 1024);
+        assert_eq!(c.storage.orphan_grace, Duration::from_secs(3600));
+
+        let c = load(&[
+            ("STORAGE_BACKEND", "local"),
+            ("STORAGE_LOCAL_ROOT", "/srv/artifacts"),
+            ("STORAGE_MAX_BYTES", "1000"),
+        ])
+        .unwrap();
+        assert!(
+            matches!(&c.storage.backend, StorageBackend::Local { root } if root.as_path() == std::path::Path::new("/srv/artifacts")),
+            "{:?}",
+            c.storage.backend
+        );
+        assert_eq!(c.storage.max_bytes, 1000);
+
+        let c = load(&[("STORAGE_BACKEND", "memory")]).unwrap();
+        assert!(
+            matches!(c.storage.backend, StorageBackend::Memory),
+            "{:?}",
+            c.storage.backend
+        );
+
+        let c = load(&[
+            ("STORAGE_BACKEND", "s3"),
+            ("S3_BUCKET", "artifacts"),
+            ("S3_ENDPOINT", "http://127.0.0.1:9000"),
+            ("S3_REGION", "eu-central-1"),
+            ("S3_FORCE_PATH_STYLE", "true"),
+            ("S3_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("S3_SECRET_ACCESS_KEY", "wJalrXUtnFEMI"),
+        ])
+        .unwrap();
+        let s = s3(&c);
+        assert_eq!(s.bucket, "artifacts");
+        assert_eq!(s.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s.region, "eu-central-1");
+        assert!(s.force_path_style);
+        assert_eq!(
+            s.access_key_id.as_ref().map(Secret::expose),
+            Some("AKIDEXAMPLE")
+        );
+        assert_eq!(
+            s.secret_access_key.as_ref().map(Secret::expose),
+            Some("wJalrXUtnFEMI")
+        );
+        assert_eq!(s.part_size, 8 << 20);
+        assert_eq!(s.parts_in_flight, 3);
+        assert!(!format!("{c:?}").contains("wJalrXUtnFEMI"));
+
+        // Only the bucket: AWS itself, its default region and credential chain, virtual hosts.
+        let c = load(&[("STORAGE_BACKEND", "s3"), ("S3_BUCKET", "artifacts")]).unwrap();
+        let s = s3(&c);
+        assert_eq!(s.endpoint, None);
+        assert_eq!(s.region, "us-east-1");
+        assert!(!s.force_path_style);
+        assert!(s.access_key_id.is_none() && s.secret_access_key.is_none());
+        let c = load(&[
+            ("STORAGE_BACKEND", "s3"),
+            ("S3_BUCKET", "artifacts"),
+            ("S3_FORCE_PATH_STYLE", "0"),
+        ])
+        .unwrap();
+        assert!(!s3(&c).force_path_style);
+    }
+
+    #[test]
+    fn s3_credentials_can_come_from_files() {
+        let dir = std::env::temp_dir().join(format!("cyb-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let id_file = dir.join("s3_access_key_id");
+        let secret_file = dir.join("s3_secret_access_key");
+        std::fs::write(&id_file, "AKIDFROMFILE\n").unwrap();
+        std::fs::write(&secret_file, "s3cr3t-from-file\r\n").unwrap();
+        let id_path = id_file.to_str().unwrap();
+        let secret_path = secret_file.to_str().unwrap();
+
+        let c = load(&[
+            ("STORAGE_BACKEND", "s3"),
+            ("S3_BUCKET", "artifacts"),
+            ("S3_ACCESS_KEY_ID_FILE", id_path),
+            ("S3_SECRET_ACCESS_KEY_FILE", secret_path),
+        ])
+        .unwrap();
+        let s = s3(&c);
+        assert_eq!(
+            s.access_key_id.as_ref().map(Secret::expose),
+            Some("AKIDFROMFILE")
+        );
+        assert_eq!(
+            s.secret_access_key.as_ref().map(Secret::expose),
+            Some("s3cr3t-from-file")
+        );
+        assert!(!format!("{c:?}").contains("s3cr3t-from-file"));
+
+        // A file and a value for one credential, a credential without the other, an empty or a
+        // missing file: each refused, naming the variable.
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[
+                    ("S3_ACCESS_KEY_ID", "AKID"),
+                    ("S3_ACCESS_KEY_ID_FILE", id_path),
+                    ("S3_SECRET_ACCESS_KEY_FILE", secret_path),
+                ],
+                "S3_ACCESS_KEY_ID",
+            ),
+            (
+                &[
+                    ("S3_ACCESS_KEY_ID_FILE", id_path),
+                    ("S3_SECRET_ACCESS_KEY", "s"),
+                    ("S3_SECRET_ACCESS_KEY_FILE", secret_path),
+                ],
+                "S3_SECRET_ACCESS_KEY",
+            ),
+            (&[("S3_ACCESS_KEY_ID_FILE", id_path)], "S3_ACCESS_KEY_ID"),
+            (
+                &[
+                    ("S3_ACCESS_KEY_ID_FILE", id_path),
+                    ("S3_SECRET_ACCESS_KEY_FILE", empty.to_str().unwrap()),
+                ],
+                "S3_SECRET_ACCESS_KEY",
+            ),
+            (
+                &[
+                    ("S3_ACCESS_KEY_ID_FILE", "/nonexistent/s3_access_key_id"),
+                    ("S3_SECRET_ACCESS_KEY_FILE", secret_path),
+                ],
+                "S3_ACCESS_KEY_ID",
+            ),
+        ];
+        for (vars, var) in cases {
+            let mut vars = vars.to_vec();
+            vars.extend([("STORAGE_BACKEND", "s3"), ("S3_BUCKET", "artifacts")]);
+            let err = load(&vars).unwrap_err();
+            assert_eq!(err.var, *var, "{vars:?}: {err}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn storage_errors_name_the_variable() {
+        let err = load(&[("STORAGE_BACKEND", "ftp")]).unwrap_err();
+        assert_eq!(err.var, "STORAGE_BACKEND", "{err}");
+        assert!(err.reason.contains("'ftp'"), "{err}");
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("STORAGE_BACKEND", "s3")], "S3_BUCKET"),
+            (
+                &[
+                    ("STORAGE_BACKEND", "s3"),
+                    ("S3_BUCKET", "b"),
+                    ("S3_FORCE_PATH_STYLE", "sometimes"),
+                ],
+                "S3_FORCE_PATH_STYLE",
+            ),
+            (
+                &[
+                    ("STORAGE_BACKEND", "s3"),
+                    ("S3_BUCKET", "b"),
+                    ("S3_PART_SIZE", "1048576"),
+                ],
+                "S3_PART_SIZE",
+            ),
+            (&[("STORAGE_MAX_BYTES", "0")], "STORAGE_MAX_BYTES"),
+            (&[("STORAGE_MAX_BYTES", "5GiB")], "STORAGE_MAX_BYTES"),
+            (&[("STORAGE_ORPHAN_GRACE", "30s")], "STORAGE_ORPHAN_GRACE"),
+        ];
+        for (vars, var) in cases {
+            let err = load(vars).unwrap_err();
+            assert_eq!(err.var, *var, "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn s3_parts_must_be_able_to_hold_the_largest_artifact() {
+        // S3 allows at most 10,000 parts: 5 MiB parts hold 10,000 x 5 MiB and not a byte more.
+        let with = |max: &str, part: Option<&str>| {
+            let mut vars = vec![
+                ("STORAGE_BACKEND", "s3"),
+                ("S3_BUCKET", "b"),
+                ("STORAGE_MAX_BYTES", max),
+            ];
+            if let Some(part) = part {
+                vars.push(("S3_PART_SIZE", part));
+            }
+            load(&vars)
+        };
+        let five_mib = "5242880";
+        let fits = (5u64 << 20) * 10_000;
+        let c = with(&fits.to_string(), Some(five_mib)).unwrap();
+        assert_eq!(c.storage.max_bytes, fits);
+        assert_eq!(s3(&c).part_size, 5 << 20);
+        let err = with(&(fits + 1).to_string(), Some(five_mib)).unwrap_err();
+        assert_eq!(err.var, "S3_PART_SIZE", "{err}");
+        assert!(err.reason.contains("STORAGE_MAX_BYTES"), "{err}");
+        // The default 8 MiB parts cover the default 5 GiB, but not 1 TiB; larger parts do.
+        assert!(with(&(5u64 << 30).to_string(), None).is_ok());
+        assert_eq!(
+            with(&(1u64 << 40).to_string(), None).unwrap_err().var,
+            "S3_PART_SIZE"
+        );
+        assert!(with(&(1u64 << 40).to_string(), Some(&(128u64 << 20).to_string())).is_ok());
+        // Only S3 has parts: the other backends take any size up to the bound.
+        for backend in ["local", "memory"] {
+            let c = load(&[
+                ("STORAGE_BACKEND", backend),
+                ("STORAGE_MAX_BYTES", &(1u64 << 40).to_string()),
+            ])
+            .unwrap();
+            assert_eq!(c.storage.max_bytes, 1 << 40);
+        }
+    }
 }

@@ -24,25 +24,65 @@ async fn put(app: &TestApp, token: &str, key: &str, body: Vec<u8>) -> reqwest::R
         .expect("request")
 }
 
-/// Sends `head` and then `body` on a raw connection and reads the status line (or nothing, when
-/// `hang_up` closes the connection after the body instead).
-async fn raw(app: &TestApp, head: &str, body: &[u8], hang_up: bool) -> Option<u16> {
+/// An answer read off a raw connection.
+struct RawAnswer {
+    status: u16,
+    /// Names in lowercase.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `head` (which must ask for `Connection: close`) and then `body` on a raw connection, so
+/// the path reaches the server exactly as written (reqwest would normalise `..` and re-encode),
+/// and reads the whole answer.
+async fn exchange(app: &TestApp, head: &str, body: &[u8]) -> RawAnswer {
     let mut conn = tokio::net::TcpStream::connect(app.addr)
         .await
         .expect("connect");
     conn.write_all(head.as_bytes()).await.expect("write head");
     conn.write_all(body).await.expect("write body");
-    if hang_up {
-        drop(conn);
-        return None;
-    }
-    let mut answer = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
         .await
-        .expect("an answer within 10s")
+        .expect("the whole answer within 10s")
         .expect("read");
-    let text = String::from_utf8_lossy(&answer[..n]);
-    text.split_whitespace().nth(1).and_then(|s| s.parse().ok())
+    let end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {:?}", String::from_utf8_lossy(&answer)));
+    let text = String::from_utf8_lossy(&answer[..end]).into_owned();
+    let mut lines = text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = answer[end + 4..].to_vec();
+    if let Some(len) = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+    {
+        body.truncate(len);
+    }
+    RawAnswer {
+        status,
+        headers,
+        body,
+    }
 }
 
 #[tokio::test]
@@ -298,22 +338,78 @@ async fn traversal_and_malformed_keys_are_refused() {
         "/v1/artifacts/back%5Cslash",
         "/v1/artifacts/nul%00byte",
         "/v1/artifacts/line%0Abreak",
+        // Control characters: DEL, a tab, and U+0080 (a C1 control, two bytes in UTF-8).
+        "/v1/artifacts/del%7Fchar",
+        "/v1/artifacts/tab%09here",
+        "/v1/artifacts/c1%C2%80control",
         &format!("/v1/artifacts/{long}"),
     ];
     for path in cases {
-        let head = format!(
-            "PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
-            t.operator
-        );
-        assert_eq!(raw(&app, &head, b"no", false).await, Some(400), "{path}");
-        let head = format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            t.viewer
-        );
-        assert_eq!(raw(&app, &head, b"", false).await, Some(400), "{path}");
+        for (method, token, body) in [
+            ("PUT", &t.operator, &b"no"[..]),
+            ("GET", &t.viewer, &b""[..]),
+            ("HEAD", &t.viewer, &b""[..]),
+            ("DELETE", &t.operator, &b""[..]),
+        ] {
+            let head = format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let answer = exchange(&app, &head, body).await;
+            let what = format!("{method} {path}");
+            assert_eq!(answer.status, 400, "{what}");
+            assert_eq!(
+                answer.header("content-type"),
+                Some("application/problem+json"),
+                "{what}"
+            );
+            if method == "HEAD" {
+                assert!(answer.body.is_empty(), "{what}: a HEAD answer has no body");
+                continue;
+            }
+            let problem: Value = serde_json::from_slice(&answer.body).unwrap_or_else(|e| {
+                panic!(
+                    "{what}: body is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&answer.body)
+                )
+            });
+            assert_eq!(
+                problem["code"], "invalid_path_parameter",
+                "{what}: {problem}"
+            );
+            assert_eq!(problem["status"], 400, "{what}: {problem}");
+            assert_eq!(
+                problem["type"], "urn:cybernetic:problem:invalid_path_parameter",
+                "{what}: {problem}"
+            );
+            assert!(problem["detail"].is_string(), "{what}: {problem}");
+        }
     }
+    // The same raw request with a key the rules accept (non-ASCII, percent-encoded once) stores
+    // it: the refusals above are the key's, not the way the requests are sent.
+    let head = format!(
+        "PUT /v1/artifacts/caf%C3%A9%C2%A0menu.txt HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+        t.operator
+    );
+    let answer = exchange(&app, &head, b"ok").await;
+    assert_eq!(
+        answer.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     let listed = expect_json(app.get("/v1/artifacts", &t.viewer).await, StatusCode::OK).await;
-    assert_eq!(listed["items"], serde_json::json!([]));
+    let keys: Vec<&str> = listed["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|a| a["key"].as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        ["caf\u{e9}\u{a0}menu.txt"],
+        "only the accepted key is stored"
+    );
     expect_json(
         app.get("/v1/artifacts?prefix=.", &t.viewer).await,
         StatusCode::OK,
@@ -387,22 +483,38 @@ async fn an_upload_the_client_abandons_leaves_nothing_on_the_local_backend() {
     )
     .await;
     let t = app.tenant("abandon").await;
+    let tmp = root.join(".tmp");
+    assert!(
+        uploads_in(&tmp).is_empty(),
+        "no upload under way yet: {:?}",
+        uploads_in(&tmp)
+    );
     let head = format!(
         "PUT /v1/artifacts/half.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 1000000\r\n\r\n",
         t.operator
     );
-    raw(&app, &head, &pattern(300_000), true).await;
+    let mut conn = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    conn.write_all(head.as_bytes()).await.expect("write head");
+    conn.write_all(&pattern(300_000)).await.expect("write body");
+    // The upload is under way (its temp file exists) before the client goes away with most of
+    // the body unsent.
     eventually(
         Duration::from_secs(10),
-        "the abandoned upload cleaned up",
-        || async {
-            std::fs::read_dir(root.join(".tmp"))
-                .map(|d| d.count())
-                .unwrap_or(0)
-                == 0
-        },
+        "the upload's temp file to appear",
+        || async { uploads_in(&tmp).len() == 1 },
     )
     .await;
+    drop(conn);
+    eventually(
+        Duration::from_secs(10),
+        "the abandoned upload's temp file removed",
+        || async { uploads_in(&tmp).is_empty() },
+    )
+    .await;
+    let listed = expect_json(app.get("/v1/artifacts", &t.viewer).await, StatusCode::OK).await;
+    assert_eq!(listed["items"], serde_json::json!([]), "no row for it");
     expect_problem(
         app.get("/v1/artifacts/half.bin", &t.viewer).await,
         StatusCode::NOT_FOUND,
@@ -418,7 +530,19 @@ async fn an_upload_the_client_abandons_leaves_nothing_on_the_local_backend() {
     )
     .await;
     assert_eq!(walk(&root.join("objects")).len(), 1);
+    assert!(uploads_in(&tmp).is_empty(), "{:?}", uploads_in(&tmp));
+    let listed = expect_json(app.get("/v1/artifacts", &t.viewer).await, StatusCode::OK).await;
+    assert_eq!(listed["items"][0]["key"], "whole.bin", "{listed}");
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Uploads' temp files (`*.upload`) anywhere under `dir`, at any depth: directly in `.tmp/` or in
+/// a process's own directory below it.
+fn uploads_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "upload"))
+        .collect()
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

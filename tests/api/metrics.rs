@@ -388,3 +388,219 @@ async fn job_series_are_labelled_and_promtool_clean_once_jobs_complete_and_die()
     }
     promtool_check(&text);
 }
+
+/// A body of `total` pattern bytes in chunks of `chunk`.
+fn storage_body(total: usize, chunk: usize) -> cybernetic::storage::ByteStream {
+    let bytes: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+    let chunks: Vec<Result<bytes::Bytes, cybernetic::storage::StorageError>> = bytes
+        .chunks(chunk)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    Box::pin(futures::stream::iter(chunks))
+}
+
+/// Reads a `get`'s whole body; returns how many bytes it carried.
+async fn drain(got: cybernetic::storage::GetResult) -> u64 {
+    use futures::StreamExt;
+    let mut body = got.body;
+    let mut n = 0;
+    while let Some(chunk) = body.next().await {
+        n += chunk.expect("chunk").len() as u64;
+    }
+    n
+}
+
+#[tokio::test]
+async fn storage_operations_are_counted_timed_and_their_bytes_summed() {
+    use cybernetic::config::StorageBackend;
+    use cybernetic::domain::object_key::{ObjectKey, StoragePath};
+    use cybernetic::storage::{PutOptions, StorageError};
+
+    // The app installs the process's recorder; the backends below, opened as the app opens its
+    // own (wrapped by the metrics layer), report to it.
+    let app = TestApp::spawn().await;
+    let t = app.tenant("metered-storage").await;
+    let root = std::env::temp_dir().join(format!("cyb-metered-{}", uuid::Uuid::new_v4().simple()));
+    let backends = [
+        ("memory", StorageBackend::Memory),
+        ("local", StorageBackend::Local { root: root.clone() }),
+    ];
+    let mut text = String::new();
+    for (backend, config) in backends {
+        let storage = cybernetic::storage::open(&config).await.expect("open");
+        assert_eq!(storage.backend(), backend);
+        let tenant = TenantId::from_uuid(uuid::Uuid::new_v4());
+        let path = |key: &str| ObjectKey::parse(key).expect("key").under(tenant);
+        let (big, small, missing) = (path("m/big.bin"), path("m/small.bin"), path("m/none.bin"));
+        let before = scrape_text(&app).await;
+
+        let mut written: u64 = 0;
+        let mut read: u64 = 0;
+        let stored = storage
+            .put(
+                &big,
+                storage_body(300_000, 64 * 1024),
+                PutOptions::default(),
+            )
+            .await
+            .expect("put");
+        assert_eq!(stored.size, 300_000);
+        written += 300_000;
+        storage
+            .put(&small, storage_body(1000, 1000), PutOptions::default())
+            .await
+            .expect("put");
+        written += 1000;
+        // A body that fails half-way, as when the client goes away mid-upload.
+        let cut: cybernetic::storage::ByteStream = Box::pin(futures::stream::iter(vec![
+            Ok(bytes::Bytes::from(vec![7u8; 5000])),
+            Err(StorageError::Interrupted("the client went away".into())),
+        ]));
+        let interrupted = storage
+            .put(&path("m/cut.bin"), cut, PutOptions::default())
+            .await;
+        assert!(
+            matches!(interrupted, Err(StorageError::Interrupted(_))),
+            "{:?}",
+            interrupted.map(|m| m.path)
+        );
+        read += drain(storage.get(&big, None).await.expect("get")).await;
+        read += drain(storage.get(&small, Some(0..100)).await.expect("get")).await;
+        assert_eq!(read, 300_100);
+        assert!(matches!(
+            storage.get(&missing, None).await.map(|g| g.meta),
+            Err(StorageError::NotFound)
+        ));
+        assert!(matches!(
+            storage.get(&small, Some(5000..6000)).await.map(|g| g.meta),
+            Err(StorageError::InvalidRange { size: 1000 })
+        ));
+        assert!(matches!(
+            storage.head(&missing).await,
+            Err(StorageError::NotFound)
+        ));
+        assert_eq!(storage.head(&big).await.expect("head").size, 300_000);
+        let prefix = StoragePath::prefix(tenant, "m/").expect("prefix");
+        let page = storage.list(&prefix, None, 10).await.expect("list");
+        assert_eq!(page.items.len(), 2, "{page:?}");
+        storage.delete(&big).await.expect("delete");
+        storage
+            .delete(&missing)
+            .await
+            .expect("deleting nothing succeeds");
+        assert!(matches!(
+            storage.get(&big, None).await.map(|g| g.meta),
+            Err(StorageError::NotFound)
+        ));
+
+        text = scrape_text(&app).await;
+        // Shared with the app's own backend and other tests in this process: compared as deltas.
+        let delta = |name: &str, labels: &[(&str, &str)]| {
+            let after = sample(&text, name, labels)
+                .unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{text}"));
+            after - sample(&before, name, labels).unwrap_or(0.0)
+        };
+        for (op, outcome, times) in [
+            ("put", "ok", 2.0),
+            ("put", "interrupted", 1.0),
+            ("get", "ok", 2.0),
+            ("get", "not_found", 2.0),
+            ("get", "invalid_range", 1.0),
+            ("head", "ok", 1.0),
+            ("head", "not_found", 1.0),
+            ("list", "ok", 1.0),
+            ("delete", "ok", 2.0),
+        ] {
+            let labels = [("backend", backend), ("op", op), ("outcome", outcome)];
+            let n = delta("storage_operations_total", &labels);
+            assert!(n >= times, "{labels:?}: {n} more, expected {times}");
+        }
+        for (op, times) in [
+            ("put", 3.0),
+            ("get", 5.0),
+            ("head", 2.0),
+            ("list", 1.0),
+            ("delete", 2.0),
+        ] {
+            let labels = [("backend", backend), ("op", op)];
+            let n = delta("storage_operation_duration_seconds_count", &labels);
+            assert!(n >= times, "{labels:?}: {n} more timings, expected {times}");
+            let count = sample(&text, "storage_operation_duration_seconds_count", &labels);
+            let inf = sample(
+                &text,
+                "storage_operation_duration_seconds_bucket",
+                &[("backend", backend), ("op", op), ("le", "+Inf")],
+            );
+            assert_eq!(inf, count, "{labels:?}: +Inf bucket is the count");
+            let sum = sample(&text, "storage_operation_duration_seconds_sum", &labels);
+            assert!(sum.is_some_and(|s| s >= 0.0), "{labels:?}: sum {sum:?}");
+        }
+        let bytes_in = delta(
+            "storage_bytes_total",
+            &[("backend", backend), ("direction", "in")],
+        );
+        assert!(
+            bytes_in >= written as f64,
+            "{backend}: {bytes_in} bytes in, wrote {written}"
+        );
+        let bytes_out = delta(
+            "storage_bytes_total",
+            &[("backend", backend), ("direction", "out")],
+        );
+        assert!(
+            bytes_out >= read as f64,
+            "{backend}: {bytes_out} bytes out, read {read}"
+        );
+    }
+    for (name, kind) in [
+        ("storage_operations_total", "counter"),
+        ("storage_operation_duration_seconds", "histogram"),
+        ("storage_bytes_total", "counter"),
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} {kind}\n")),
+            "{name} is not a {kind}"
+        );
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP"
+        );
+    }
+    promtool_check(&text);
+    let _ = std::fs::remove_dir_all(&root);
+
+    // The app's own backend (memory, in tests) is wrapped the same way: an upload and a download
+    // through the artifact API count too.
+    let before = scrape_text(&app).await;
+    let body = vec![42u8; 4096];
+    let res = app
+        .client
+        .put(app.url("/v1/artifacts/metered.bin"))
+        .bearer_auth(&t.operator)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let got = app.get("/v1/artifacts/metered.bin", &t.viewer).await;
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(got.bytes().await.expect("body").as_ref(), &body[..]);
+    let text = scrape_text(&app).await;
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        sample(&text, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{text}"))
+            - sample(&before, name, labels).unwrap_or(0.0)
+    };
+    for op in ["put", "get"] {
+        let labels = [("backend", "memory"), ("op", op), ("outcome", "ok")];
+        assert!(
+            delta("storage_operations_total", &labels) >= 1.0,
+            "{labels:?}"
+        );
+    }
+    for direction in ["in", "out"] {
+        let labels = [("backend", "memory"), ("direction", direction)];
+        let n = delta("storage_bytes_total", &labels);
+        assert!(n >= 4096.0, "{labels:?}: {n}");
+    }
+    promtool_check(&text);
+}
