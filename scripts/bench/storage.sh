@@ -110,8 +110,10 @@ PY
    for round in $(seq 1 "$n"); do
     echo "bench: disk (dd, $mib MiB, conv=fsync), round $round" >&2
     read -r disk_w disk_r disk_c < <(disk "$mib")
-    # The source stays in the page cache, clean: curl reads it from memory, and the PUT's writes
-    # have the disk to themselves.
+    [[ -n ${disk_c:-} ]] || { echo "bench: the dd baseline failed" >&2; exit 1; }
+    # The source is read back into the page cache (dd's cold read dropped it), clean: curl reads
+    # it from memory, and the PUT's writes have the disk to themselves.
+    cat "$src" >/dev/null
     sync
     echo "bench: $backend, $mib MiB, round $round" >&2
     put=$(curl -fsS -o /dev/null -w '%{time_total}' -H "Authorization: Bearer $key" \

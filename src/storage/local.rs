@@ -25,7 +25,7 @@
 //! [`PREFETCH_WINDOW`] of the file into the page cache meanwhile (on Linux,
 //! `posix_fadvise(WILLNEED)`), so the disk keeps reading while the socket sends.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::SeekFrom;
 use std::ops::Range;
@@ -76,7 +76,29 @@ pub struct LocalStorage {
     /// that finds its directory already there, but made by a put still in progress, fsyncs the
     /// directories above as well: otherwise it could answer before the entry that leads to its
     /// object is durable.
-    unsynced: Arc<Mutex<HashSet<PathBuf>>>,
+    unsynced: Arc<Mutex<Marks>>,
+}
+
+/// Directories marked as maybe not durable, each with the number of its marking, so a put clears
+/// only the marks it has seen made durable, never one set again since.
+#[derive(Debug, Default)]
+struct Marks {
+    dirs: HashMap<PathBuf, u64>,
+    next: u64,
+}
+
+impl Marks {
+    fn mark(&mut self, dir: &Path) {
+        self.next += 1;
+        self.dirs.insert(dir.to_path_buf(), self.next);
+    }
+
+    /// The marks on `dir` and the directories above it.
+    fn above(&self, dir: &Path) -> Vec<(PathBuf, u64)> {
+        dir.ancestors()
+            .filter_map(|d| self.dirs.get(d).map(|&n| (d.to_path_buf(), n)))
+            .collect()
+    }
 }
 
 /// This process's directory for uploads in progress, `.tmp/<random>/`, locked (`flock`) for as
@@ -95,14 +117,19 @@ impl Drop for Uploads {
     }
 }
 
-/// Takes the exclusive lock of an upload directory without waiting: `None` while another open
-/// store (of this process or another) holds it.
+/// Takes the exclusive lock of a directory, waiting for it (`wait`) or not: `None` while another
+/// holder (an open store of this process or another) has it.
 #[cfg(unix)]
-fn try_lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+fn lock(dir: &Path, wait: bool) -> std::io::Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(dir)?;
+    let how = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
     // SAFETY: the descriptor belongs to `file`, open for the whole call; flock only reads it.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+    if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
         return Ok(Some(file));
     }
     match std::io::Error::last_os_error() {
@@ -112,13 +139,24 @@ fn try_lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
 }
 
 #[cfg(not(unix))]
-fn try_lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+fn lock(dir: &Path, _wait: bool) -> std::io::Result<Option<std::fs::File>> {
     // Without flock no directory can be shown abandoned; only stale loose files are removed.
     std::fs::File::open(dir).map(|_| None)
 }
 
+/// `Ok` for what is already gone: another store starting at the same time removed it first.
+fn unless_gone<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes what uploads of processes that are gone left in `tmp`: every directory no open store
 /// holds, and loose files untouched for [`STALE_UPLOAD`]. Returns how many entries it removed.
+/// Runs under the lock of `tmp` itself, as does making a store's own directory, so a sweep never
+/// sees a new store's directory before that store holds it.
 fn sweep_uploads(tmp: &Path) -> std::io::Result<usize> {
     let mut removed = 0;
     for entry in std::fs::read_dir(tmp)? {
@@ -126,20 +164,22 @@ fn sweep_uploads(tmp: &Path) -> std::io::Result<usize> {
         let kind = entry.file_type()?;
         if kind.is_dir() {
             // Holding the lock while removing: a store starting meanwhile cannot take it over.
-            if let Some(_lock) = try_lock(&entry.path())? {
-                std::fs::remove_dir_all(entry.path())?;
+            if let Some(Some(_held)) = unless_gone(lock(&entry.path(), false))? {
+                unless_gone(std::fs::remove_dir_all(entry.path()))?;
                 removed += 1;
             }
             continue;
         }
-        let idle = entry
-            .metadata()?
+        let Some(meta) = unless_gone(entry.metadata())? else {
+            continue;
+        };
+        let idle = meta
             .modified()
             .ok()
             .and_then(|t| t.elapsed().ok())
             .unwrap_or_default();
         if idle >= STALE_UPLOAD {
-            std::fs::remove_file(entry.path())?;
+            unless_gone(std::fs::remove_file(entry.path()))?;
             removed += 1;
         }
     }
@@ -159,16 +199,18 @@ impl LocalStorage {
         fs::create_dir_all(&objects).await?;
         fs::create_dir_all(&tmp).await?;
         let uploads = tokio::task::spawn_blocking(move || {
+            // Stores opening the same root at once take turns here (for a moment).
+            let _turn = lock(&tmp, true)?;
             let removed = sweep_uploads(&tmp)?;
             if removed > 0 {
                 tracing::info!(removed, "removed uploads left unfinished by an earlier run");
             }
             let dir = tmp.join(uuid::Uuid::new_v4().simple().to_string());
             std::fs::create_dir(&dir)?;
-            let lock = try_lock(&dir)?.ok_or_else(|| {
+            let held = lock(&dir, false)?.ok_or_else(|| {
                 std::io::Error::other("a new upload directory is locked by someone else")
             })?;
-            Ok::<_, std::io::Error>(Uploads { dir, _lock: lock })
+            Ok::<_, std::io::Error>(Uploads { dir, _lock: held })
         })
         .await
         .map_err(|e| StorageError::Backend(format!("opening the store failed: {e}")))??;
@@ -179,8 +221,8 @@ impl LocalStorage {
         })
     }
 
-    fn unsynced(&self) -> MutexGuard<'_, HashSet<PathBuf>> {
-        // A set of paths; a panic elsewhere cannot leave it half-updated.
+    fn unsynced(&self) -> MutexGuard<'_, Marks> {
+        // A map of paths; a panic elsewhere cannot leave it half-updated.
         self.unsynced
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -249,7 +291,13 @@ impl LocalStorage {
             .uploads
             .dir
             .join(format!("{}.upload", uuid::Uuid::new_v4().simple()));
-        let file = File::create(&temp).await?;
+        let file = File::create(&temp).await.map_err(|e| {
+            // Not the object's absence: the store's own upload directory was removed under it.
+            StorageError::Backend(format!(
+                "cannot create an upload file in {}: {e}",
+                self.uploads.dir.display()
+            ))
+        })?;
         // Removes the temp file if this future is dropped mid-upload (the client went away).
         let mut guard = RemoveOnDrop(Some(temp.clone()));
         let written = async {
@@ -318,17 +366,26 @@ impl LocalStorage {
             .parent()
             .ok_or_else(|| StorageError::Backend("object path has no parent".into()))?;
         // A concurrent delete may remove an emptied directory between creating and renaming.
-        let mut created = Vec::new();
-        for attempt in 0..3 {
-            let missing = self.missing_dirs(parent).await;
-            self.unsynced().extend(missing.iter().cloned());
-            created.extend(missing);
-            fs::create_dir_all(parent).await.map_err(|e| {
-                StorageError::Backend(format!(
-                    "cannot create {}: {e} (is a prefix of this key an object's name?)",
-                    parent.display()
-                ))
-            })?;
+        let mut created = false;
+        'attempts: for attempt in 0..3 {
+            // One level at a time from the top, each marked before it is made, so this put knows
+            // exactly which directories it made (a delete may remove an emptied one meanwhile).
+            for dir in self.missing_dirs(parent).await.into_iter().rev() {
+                self.unsynced().mark(&dir);
+                match fs::create_dir(&dir).await {
+                    Ok(()) => created = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 2 => {
+                        continue 'attempts;
+                    }
+                    Err(e) => {
+                        return Err(StorageError::Backend(format!(
+                            "cannot create {}: {e} (is a prefix of this key an object's name?)",
+                            dir.display()
+                        )));
+                    }
+                }
+            }
             self.no_links(target).await?;
             let moved = if if_absent {
                 match fs::hard_link(temp, target).await {
@@ -348,11 +405,9 @@ impl LocalStorage {
             }
         }
         File::open(parent).await?.sync_all().await?;
-        let fresh = !created.is_empty() || {
-            let unsynced = self.unsynced();
-            parent.ancestors().any(|d| unsynced.contains(d))
-        };
-        if fresh {
+        // Marks on the way up, taken after this put's own directories were made (and marked).
+        let marks = self.unsynced().above(parent);
+        if created || !marks.is_empty() {
             // New directories' own entries must be durable too, or a crash could take the object
             // with them: fsync each directory above the object's, up to the objects root.
             let mut dir = parent.parent();
@@ -360,10 +415,13 @@ impl LocalStorage {
                 File::open(d).await?.sync_all().await?;
                 dir = d.parent();
             }
-            // Left marked if this put failed before here: later puts below them sync the way up.
+            // Durable now, unless marked again since (made anew after a delete removed them).
+            // Marks of a put that failed before here are cleared by the next put below them.
             let mut unsynced = self.unsynced();
-            for d in &created {
-                unsynced.remove(d);
+            for (dir, mark) in marks {
+                if unsynced.dirs.get(&dir) == Some(&mark) {
+                    unsynced.dirs.remove(&dir);
+                }
             }
         }
         Ok(())

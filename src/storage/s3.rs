@@ -177,10 +177,11 @@ impl S3Storage {
         }
         .await;
         if uploaded.is_err() {
-            // No part is left behind to be stored (and billed) for nothing. Parts still being
-            // sent are let finish (or fail) first: S3 may store a part that was in flight during
-            // an abort, after it.
-            while in_flight.next().await.is_some() {}
+            // No part is left behind to be stored (and billed) for nothing. The parts still being
+            // sent are cut off; S3 may yet store one it had received in full after this abort,
+            // so it is repeated once they have settled.
+            drop(in_flight);
+            abort_again_later(&self.client, &self.bucket, key, &upload_id);
             if let Err(e) = self
                 .client
                 .abort_multipart_upload()
@@ -387,18 +388,34 @@ impl Drop for AbortOnDrop {
             .abort_multipart_upload()
             .bucket(&self.bucket)
             .key(&self.key)
-            .upload_id(upload_id);
+            .upload_id(&upload_id);
         let key = self.key.clone();
+        abort_again_later(&self.client, &self.bucket, &key, &upload_id);
         runtime.spawn(async move {
-            if let Err(e) = abort.clone().send().await {
+            if let Err(e) = abort.send().await {
                 tracing::warn!(%key, error = %e, "could not abort a cancelled multipart upload");
             }
-            // The parts' requests were cut off, but one S3 had fully received may still be
-            // stored after the abort: S3's advice is to abort again once they have settled.
-            tokio::time::sleep(ABORT_AGAIN).await;
-            let _already_gone = abort.send().await;
         });
     }
+}
+
+/// Aborts a multipart upload once more after [`ABORT_AGAIN`], in the background: S3 may store a
+/// part whose request was cut off by the first abort after it, if it had received it in full,
+/// and its advice is to abort again once such parts have settled. The second answer (usually
+/// "no such upload") is not looked at.
+fn abort_again_later(client: &Client, bucket: &str, key: &str, upload_id: &str) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let again = client
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id);
+    runtime.spawn(async move {
+        tokio::time::sleep(ABORT_AGAIN).await;
+        let _already_gone = again.send().await;
+    });
 }
 
 fn user_metadata(options: &PutOptions, sha256: Option<&str>) -> HashMap<String, String> {

@@ -252,6 +252,35 @@ async fn enqueue<J: Job>(db: &Db, tenant: &str, job: &J, how: Enqueue<'_>) -> jo
     enqueued
 }
 
+/// Steps `pool` on the default queue until a step runs at least one job.
+pub async fn run_once_due(pool: &Pool, what: &str) {
+    eventually(Duration::from_secs(10), what, || async {
+        !pool
+            .run_due(Queue::Default, 10)
+            .await
+            .expect("run")
+            .is_empty()
+    })
+    .await;
+}
+
+/// Waits until the tenant of `token` has `count` completed jobs.
+async fn completed_at_last(app: &TestApp, token: &str, count: usize) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{count} jobs to complete"),
+        || async {
+            let listed = expect_json(
+                app.get("/v1/jobs?state=completed", token).await,
+                StatusCode::OK,
+            )
+            .await;
+            listed["items"].as_array().map_or(0, Vec::len) == count
+        },
+    )
+    .await;
+}
+
 async fn job(app: &TestApp, token: &str, id: impl std::fmt::Display) -> Value {
     expect_json(
         app.get(&format!("/v1/jobs/{id}"), token).await,
@@ -280,21 +309,7 @@ async fn failed_attempts_back_off_and_persist_then_die_and_retry_by_hand() {
     // retrying, with its attempt, error and next run.
     let mut attempts: Vec<(DateTime<Utc>, DateTime<Utc>)> = Vec::new(); // (started_at, run_at)
     for attempt in 1..=4 {
-        eventually(
-            Duration::from_secs(10),
-            "the next attempt to come due",
-            || {
-                let pool = pool.clone();
-                async move {
-                    !pool
-                        .run_due(Queue::Default, 10)
-                        .await
-                        .expect("run")
-                        .is_empty()
-                }
-            },
-        )
-        .await;
+        run_once_due(&pool, "the next attempt to come due").await;
         let now = job(&app, &t.viewer, id).await;
         assert_eq!(now["attempts"], attempt, "{now}");
         assert_eq!(now["max_attempts"], 4, "{now}");
@@ -1143,19 +1158,7 @@ async fn a_queue_never_runs_more_jobs_at_once_than_its_concurrency() {
         let next = gate.entered()[step].clone();
         gate.open(&next);
     }
-    eventually(Duration::from_secs(10), "all six to complete", || {
-        let app = &app;
-        let token = &t.viewer;
-        async move {
-            let listed = expect_json(
-                app.get("/v1/jobs?state=completed", token).await,
-                StatusCode::OK,
-            )
-            .await;
-            listed["items"].as_array().unwrap().len() == 6
-        }
-    })
-    .await;
+    completed_at_last(&app, &t.viewer, 6).await;
     assert_eq!(gate.most(), 2, "never more than the queue's concurrency");
     assert_eq!(gate.inside(), 0);
     let mut entered = gate.entered();
@@ -1227,19 +1230,7 @@ async fn two_pools_in_one_process_claim_under_their_own_worker_names() {
 
     gate.open("a");
     gate.open("b");
-    eventually(Duration::from_secs(10), "both to complete", || {
-        let app = &app;
-        let token = &t.viewer;
-        async move {
-            let listed = expect_json(
-                app.get("/v1/jobs?state=completed", token).await,
-                StatusCode::OK,
-            )
-            .await;
-            listed["items"].as_array().unwrap().len() == 2
-        }
-    })
-    .await;
+    completed_at_last(&app, &t.viewer, 2).await;
     shutdown.cancel();
     for pool in running {
         tokio::time::timeout(Duration::from_secs(10), pool)

@@ -264,17 +264,7 @@ async fn job_series_are_labelled_and_promtool_clean_once_jobs_complete_and_die()
         assert!(expected, "{r:?}");
     }
     // Due again at once (no backoff): its second and last attempt fails too.
-    eventually(Duration::from_secs(10), "the retry to come due", || {
-        let pool = pool.clone();
-        async move {
-            !pool
-                .run_due(Queue::Default, 10)
-                .await
-                .expect("run")
-                .is_empty()
-        }
-    })
-    .await;
+    crate::jobs::run_once_due(&pool, "the retry to come due").await;
     let dead = crate::helpers::expect_json(
         app.get(&format!("/v1/jobs/{flop}"), &t.viewer).await,
         StatusCode::OK,
@@ -370,13 +360,22 @@ async fn job_series_are_labelled_and_promtool_clean_once_jobs_complete_and_die()
             value("jobs", &[("queue", queue), ("state", state)]);
         }
     }
-    for (name, kind) in [
-        ("jobs_enqueued_total", "counter"),
-        ("jobs_finished_total", "counter"),
-        ("job_duration_seconds", "histogram"),
-        ("job_pickup_delay_seconds", "histogram"),
-        ("jobs", "gauge"),
-    ] {
+    assert_described(
+        &text,
+        &[
+            ("jobs_enqueued_total", "counter"),
+            ("jobs_finished_total", "counter"),
+            ("job_duration_seconds", "histogram"),
+            ("job_pickup_delay_seconds", "histogram"),
+            ("jobs", "gauge"),
+        ],
+    );
+    promtool_check(&text);
+}
+
+/// Each metric is exposed with its TYPE and a HELP line.
+fn assert_described(text: &str, metrics: &[(&str, &str)]) {
+    for (name, kind) in metrics {
         assert!(
             text.contains(&format!("# TYPE {name} {kind}\n")),
             "{name} is not a {kind}"
@@ -386,7 +385,6 @@ async fn job_series_are_labelled_and_promtool_clean_once_jobs_complete_and_die()
             "{name} has no HELP"
         );
     }
-    promtool_check(&text);
 }
 
 /// A body of `total` pattern bytes in chunks of `chunk`.
@@ -552,20 +550,14 @@ async fn storage_operations_are_counted_timed_and_their_bytes_summed() {
             "{backend}: {bytes_out} bytes out, read {read}"
         );
     }
-    for (name, kind) in [
-        ("storage_operations_total", "counter"),
-        ("storage_operation_duration_seconds", "histogram"),
-        ("storage_bytes_total", "counter"),
-    ] {
-        assert!(
-            text.contains(&format!("# TYPE {name} {kind}\n")),
-            "{name} is not a {kind}"
-        );
-        assert!(
-            text.contains(&format!("# HELP {name} ")),
-            "{name} has no HELP"
-        );
-    }
+    assert_described(
+        &text,
+        &[
+            ("storage_operations_total", "counter"),
+            ("storage_operation_duration_seconds", "histogram"),
+            ("storage_bytes_total", "counter"),
+        ],
+    );
     promtool_check(&text);
     let _ = std::fs::remove_dir_all(&root);
 

@@ -86,6 +86,17 @@ fn uploads_under(root: &std::path::Path) -> usize {
     count
 }
 
+/// The paths of the first page (up to 100) listed under `prefix` after `after`.
+async fn paths_listed(s: &dyn Storage, prefix: &StoragePath, after: Option<&str>) -> Vec<String> {
+    s.list(prefix, after, 100)
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .map(|l| l.path)
+        .collect()
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
@@ -312,14 +323,7 @@ async fn behaves(storage: Arc<dyn Storage>) {
         assert_eq!(item.size, index as u64 + 1, "the size of {key}");
     }
     let between = format!("{}a/", every.as_str());
-    let rest: Vec<String> = s
-        .list(&every, Some(&between), 100)
-        .await
-        .expect("list")
-        .items
-        .into_iter()
-        .map(|l| l.path)
-        .collect();
+    let rest = paths_listed(s, &every, Some(&between)).await;
     let later: Vec<String> = expected
         .iter()
         .filter(|p| p.as_str() > between.as_str())
@@ -327,14 +331,7 @@ async fn behaves(storage: Arc<dyn Storage>) {
         .collect();
     assert_eq!(rest, later, "after a point that names no object");
     let under_a = StoragePath::prefix(c, "a/").expect("prefix");
-    let nested: Vec<String> = s
-        .list(&under_a, None, 100)
-        .await
-        .expect("list")
-        .items
-        .into_iter()
-        .map(|l| l.path)
-        .collect();
+    let nested = paths_listed(s, &under_a, None).await;
     assert_eq!(
         nested,
         ["a/b", "a/b/c", "a/z"].map(|k| path(c, k).as_str().to_owned())
