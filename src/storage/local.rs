@@ -29,7 +29,6 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::SeekFrom;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -119,7 +118,6 @@ impl Drop for Uploads {
 
 /// Takes the exclusive lock of a directory, waiting for it (`wait`) or not: `None` while another
 /// holder (an open store of this process or another) has it.
-#[cfg(unix)]
 fn lock(dir: &Path, wait: bool) -> std::io::Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(dir)?;
@@ -136,12 +134,6 @@ fn lock(dir: &Path, wait: bool) -> std::io::Result<Option<std::fs::File>> {
         e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
         e => Err(e),
     }
-}
-
-#[cfg(not(unix))]
-fn lock(dir: &Path, _wait: bool) -> std::io::Result<Option<std::fs::File>> {
-    // Without flock no directory can be shown abandoned; only stale loose files are removed.
-    std::fs::File::open(dir).map(|_| None)
 }
 
 /// `Ok` for what is already gone: another store starting at the same time removed it first.
@@ -562,12 +554,44 @@ async fn read_chunk(
         if let Some(ahead) = ahead {
             prefetch(&file, ahead);
         }
-        let mut buf = vec![0; len];
-        file.read_exact_at(&mut buf, at)?;
-        Ok(Bytes::from(buf))
+        Ok(Bytes::from(read_exact_at(&file, at, len)?))
     })
     .await
     .map_err(|e| StorageError::Backend(format!("reading an object: {e}")))?
+}
+
+/// `len` bytes of `file` from `at`, read into a buffer that is not zeroed first (zeroing a 1 MiB
+/// buffer per chunk was a twentieth of a GET's CPU).
+fn read_exact_at(file: &std::fs::File, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let offset = i64::try_from(at + buf.len() as u64)
+            .map_err(|_| std::io::Error::other("read offset out of range"))?;
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: the descriptor belongs to `file`, open for the whole call; pread writes at most
+        // `spare.len()` bytes into the vector's unused capacity, which `spare` covers.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast::<libc::c_void>(),
+                spare.len(),
+                offset,
+            )
+        };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            // SAFETY: pread initialised the `n` bytes after the current length (n <= spare).
+            n => unsafe { buf.set_len(buf.len() + n as usize) },
+        }
+    }
+    Ok(buf)
 }
 
 /// Removes an upload's temp file when the upload is abandoned half-way.
