@@ -153,7 +153,9 @@ fn sweep_uploads(tmp: &Path) -> std::io::Result<usize> {
     let mut removed = 0;
     for entry in std::fs::read_dir(tmp)? {
         let entry = entry?;
-        let kind = entry.file_type()?;
+        let Some(kind) = unless_gone(entry.file_type())? else {
+            continue;
+        };
         if kind.is_dir() {
             // Holding the lock while removing: a store starting meanwhile cannot take it over.
             if let Some(Some(_held)) = unless_gone(lock(&entry.path(), false))? {
@@ -396,9 +398,14 @@ impl LocalStorage {
                 Err(e) => return Err(e.into()),
             }
         }
-        File::open(parent).await?.sync_all().await?;
-        // Marks on the way up, taken after this put's own directories were made (and marked).
+        // Marks on the way up, taken after this put's own directories were made and before any
+        // directory is fsynced: a directory marked here existed before its parent's fsync below.
         let marks = self.unsynced().above(parent);
+        // Not the object's absence: its directory went between the move and here (a delete).
+        let dir = File::open(parent)
+            .await
+            .map_err(|e| StorageError::Backend(format!("cannot open {}: {e}", parent.display())))?;
+        dir.sync_all().await?;
         if created || !marks.is_empty() {
             // New directories' own entries must be durable too, or a crash could take the object
             // with them: fsync each directory above the object's, up to the objects root.
@@ -566,9 +573,11 @@ fn read_exact_at(file: &std::fs::File, at: u64, len: usize) -> std::io::Result<V
     use std::os::fd::AsRawFd;
     let mut buf: Vec<u8> = Vec::with_capacity(len);
     while buf.len() < len {
-        let offset = i64::try_from(at + buf.len() as u64)
+        let offset = libc::off_t::try_from(at + buf.len() as u64)
             .map_err(|_| std::io::Error::other("read offset out of range"))?;
-        let spare = buf.spare_capacity_mut();
+        let wanted = len - buf.len();
+        // The capacity may exceed `len`: never read past what was asked.
+        let spare = &mut buf.spare_capacity_mut()[..wanted];
         // SAFETY: the descriptor belongs to `file`, open for the whole call; pread writes at most
         // `spare.len()` bytes into the vector's unused capacity, which `spare` covers.
         let n = unsafe {
