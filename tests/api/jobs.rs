@@ -252,6 +252,14 @@ async fn enqueue<J: Job>(db: &Db, tenant: &str, job: &J, how: Enqueue<'_>) -> jo
     enqueued
 }
 
+/// Waits (bounded) for a pool's task to end after its shutdown was asked.
+async fn stopped(running: tokio::task::JoinHandle<()>, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect(what)
+        .expect("pool task");
+}
+
 /// Steps `pool` on the default queue until a step runs at least one job.
 pub async fn run_once_due(pool: &Pool, what: &str) {
     eventually(Duration::from_secs(10), what, || async {
@@ -863,10 +871,7 @@ async fn a_running_pool_picks_jobs_up_reports_progress_and_stops_cancelled_ones(
     );
 
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("the pool stops")
-        .expect("pool task");
+    stopped(running, "the pool stops").await;
 }
 
 #[tokio::test]
@@ -937,10 +942,7 @@ async fn committed_jobs_wake_a_pool_that_would_not_poll_for_an_hour() {
     assert!(later.wake.is_empty());
 
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("the pool stops")
-        .expect("pool task");
+    stopped(running, "the pool stops").await;
 }
 
 #[tokio::test]
@@ -975,10 +977,7 @@ async fn shutdown_lets_running_jobs_drain_then_hands_the_rest_back() {
     })
     .await;
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("the pool stops within its drain time")
-        .expect("pool task");
+    stopped(running, "the pool stops within its drain time").await;
     for id in ids {
         let left = job(&app, &t.viewer, id).await;
         assert_eq!(left["state"], "available", "handed back: {left}");
@@ -1037,10 +1036,7 @@ async fn shutdown_lets_a_running_job_finish_and_hands_back_one_that_outlasts_the
     );
     assert_eq!(gate.inside(), 2, "both still running during the drain");
     gate.open("finishes");
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("the pool stops within its drain time")
-        .expect("pool task");
+    stopped(running, "the pool stops within its drain time").await;
 
     let finished = job(&app, &t.viewer, ids["finishes"]).await;
     assert_eq!(finished["state"], "completed", "drained: {finished}");
@@ -1173,10 +1169,7 @@ async fn a_queue_never_runs_more_jobs_at_once_than_its_concurrency() {
     }
 
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("the pool stops")
-        .expect("pool task");
+    stopped(running, "the pool stops").await;
 }
 
 #[tokio::test]
