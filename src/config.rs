@@ -623,6 +623,14 @@ mod tests {
         Config::from_source(&move |k| map.get(k).cloned())
     }
 
+    /// Each set of variables is refused, naming the variable at fault.
+    fn refused_naming(cases: &[(&[(&str, &str)], &str)]) {
+        for (vars, var) in cases {
+            let err = load(vars).unwrap_err();
+            assert_eq!(err.var, *var, "{vars:?}: {err}");
+        }
+    }
+
     #[test]
     fn defaults() {
         let c = load(&[]).unwrap();
@@ -655,10 +663,7 @@ mod tests {
             ),
             (&[("ADMIN_TOKEN_FILE", "/nonexistent/token")], "ADMIN_TOKEN"),
         ];
-        for (vars, var) in cases {
-            let err = load(vars).unwrap_err();
-            assert_eq!(err.var, *var, "{err}");
-        }
+        refused_naming(cases);
     }
 
     #[test]
@@ -869,10 +874,7 @@ mod tests {
             (&[("STORAGE_MAX_BYTES", "5GiB")], "STORAGE_MAX_BYTES"),
             (&[("STORAGE_ORPHAN_GRACE", "30s")], "STORAGE_ORPHAN_GRACE"),
         ];
-        for (vars, var) in cases {
-            let err = load(vars).unwrap_err();
-            assert_eq!(err.var, *var, "{vars:?}: {err}");
-        }
+        refused_naming(cases);
     }
 
     #[test]
