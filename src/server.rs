@@ -1,8 +1,10 @@
 //! The accept loop. Hand-written rather than `axum::serve` because shutdown must be bounded:
 //! every connection task lives in a `JoinSet`, so requests still running at the drain deadline
 //! are cancelled (their transactions roll back) instead of outliving the server. Connections
-//! that open with an event-stream request are served by [`event_stream`]; all others by hyper.
+//! that open with an event-stream request are served by [`event_stream`]; those that open with
+//! an artifact download by [`download`] (and by hyper after it); all others by hyper.
 
+mod download;
 mod event_stream;
 
 use std::time::Duration;
@@ -90,20 +92,20 @@ pub async fn serve(
                     let closing = closing.clone();
                     let head_deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
                     connections.spawn(async move {
-                        match event_stream::opening(&stream, head_deadline, &closing).await {
-                            event_stream::Opening::EventStream => {
+                        match opening(&stream, head_deadline, &closing).await {
+                            Opening::EventStream => {
                                 event_stream::serve(stream, router, head_deadline, &closing).await;
                             }
-                            event_stream::Opening::Other => {
-                                let service = TowerToHyperService::new(router);
-                                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                                // Boxed: hyper's connection state is large, and inline it would
-                                // size every connection task, event streams included.
-                                if let Err(e) = Box::pin(watcher.watch(connection)).await {
-                                    tracing::debug!(error = %e, "connection ended with an error");
+                            Opening::Download => {
+                                let rest = download::serve(stream, router.clone(), head_deadline, &closing).await;
+                                if let Some(rest) = rest {
+                                    Box::pin(serve_hyper(&builder, watcher, rest, router)).await;
                                 }
                             }
-                            event_stream::Opening::Nothing => {}
+                            Opening::Other => {
+                                Box::pin(serve_hyper(&builder, watcher, stream, router)).await;
+                            }
+                            Opening::Nothing => {}
                         }
                     });
                 }
@@ -139,6 +141,67 @@ pub async fn serve(
         connections.abort_all();
         while connections.join_next().await.is_some() {}
     }
+}
+
+/// Serves a connection's requests with hyper until it closes.
+async fn serve_hyper<I>(
+    builder: &http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    router: Router,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(router);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    // Boxed by the callers: hyper's connection state is large, and inline it would size every
+    // connection task, event streams included.
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// What the first bytes of a connection ask for.
+enum Opening {
+    EventStream,
+    Download,
+    Other,
+    /// The client went away, sent nothing in time, or the server is closing.
+    Nothing,
+}
+
+/// Looks at the connection's first bytes without consuming them. Only a first read that shows
+/// the whole route selects a path of its own; anything shorter or different goes to hyper.
+async fn opening(
+    stream: &tokio::net::TcpStream,
+    deadline: tokio::time::Instant,
+    closing: &CancellationToken,
+) -> Opening {
+    const SEEN: usize = max(event_stream::PREFIX.len() + 1, download::PREFIX.len());
+    let mut first = [0u8; SEEN];
+    let peeked = tokio::select! {
+        () = closing.cancelled() => return Opening::Nothing,
+        peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => peeked,
+    };
+    let seen = match peeked {
+        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Opening::Nothing,
+        Ok(Ok(n)) => &first[..n],
+    };
+    let events = event_stream::PREFIX;
+    if seen.len() > events.len()
+        && seen.starts_with(events)
+        && matches!(seen[events.len()], b' ' | b'?')
+    {
+        Opening::EventStream
+    } else if seen.starts_with(download::PREFIX) {
+        Opening::Download
+    } else {
+        Opening::Other
+    }
+}
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
 }
 
 /// Per-connection socket settings; a failure only loses an optimisation, never the connection.

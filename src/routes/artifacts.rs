@@ -539,7 +539,12 @@ pub async fn get(
             .body
             .map(|chunk| chunk.map_err(std::io::Error::other)),
     );
-    Ok((status, out, body).into_response())
+    let mut response = (status, out, body).into_response();
+    // A server that can send from the file directly takes it from here (src/server/download.rs).
+    if let Some(span) = object.file {
+        response.extensions_mut().insert(span);
+    }
+    Ok(response)
 }
 
 #[tracing::instrument(skip_all)]

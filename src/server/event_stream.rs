@@ -27,7 +27,7 @@ use tower::ServiceExt;
 use crate::http::error::ApiError;
 
 /// The request line start that selects this path: the stream route, with or without a query.
-const PREFIX: &[u8] = b"GET /v1/events";
+pub(super) const PREFIX: &[u8] = b"GET /v1/events";
 /// Largest request head read here (hyper's limit for other routes is `MAX_BUFFER`).
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
@@ -40,39 +40,6 @@ const MAX_IGNORED: usize = 64 * 1024;
 /// After a refusal, how long the client's remaining bytes are read and dropped before closing, so
 /// the close does not reset the connection (losing the answer) while the client is still sending.
 const LINGER: Duration = Duration::from_secs(1);
-
-/// What the first bytes of a connection ask for.
-pub(super) enum Opening {
-    EventStream,
-    Other,
-    /// The client went away, sent nothing in time, or the server is closing.
-    Nothing,
-}
-
-/// Looks at the connection's first bytes without consuming them. Only a first read that shows
-/// the whole route selects the event-stream path; anything shorter or different goes to hyper.
-pub(super) async fn opening(
-    stream: &TcpStream,
-    deadline: Instant,
-    closing: &CancellationToken,
-) -> Opening {
-    let mut first = [0u8; PREFIX.len() + 1];
-    let peeked = tokio::select! {
-        () = closing.cancelled() => return Opening::Nothing,
-        peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => peeked,
-    };
-    match peeked {
-        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => Opening::Nothing,
-        Ok(Ok(n)) if n == first.len() && first.starts_with(PREFIX) => {
-            if matches!(first[PREFIX.len()], b' ' | b'?') {
-                Opening::EventStream
-            } else {
-                Opening::Other
-            }
-        }
-        Ok(Ok(_)) => Opening::Other,
-    }
-}
 
 /// Serves one event-stream request on `stream`, then closes it. The request head must be in by
 /// `deadline` (counted from the connection's accept, as for hyper's connections).
@@ -88,9 +55,10 @@ pub(super) async fn serve(
         () = closing.cancelled() => return,
         head = Box::pin(tokio::time::timeout_at(deadline, read_head(&mut stream))) => head,
     };
+    // Bytes after the head are never answered: the stream is the connection's last request.
     let request = match head {
-        Ok(Ok(Head::Request(request))) => request,
-        Ok(Ok(Head::Refused(answer))) => {
+        Ok(Ok((Head::Request(request), _after))) => request,
+        Ok(Ok((Head::Refused(answer), _))) => {
             let _ = Box::pin(answer_once(&mut stream, answer)).await;
             return;
         }
@@ -111,7 +79,7 @@ pub(super) async fn serve(
     }
     let chunked = version == Version::HTTP_11;
     let (parts, body) = response.into_parts();
-    let head = response_head(parts.status, &parts.headers, None, chunked);
+    let head = response_head(parts.status, &parts.headers, None, chunked, false);
     if stream.write_all(&head).await.is_err() {
         return;
     }
@@ -191,15 +159,15 @@ pub(super) async fn serve(
     }
 }
 
-enum Head {
+pub(super) enum Head {
     Request(Request<Body>),
     /// The head cannot be served; answer this and close.
     Refused(Response<Body>),
 }
 
-/// Reads and parses the request head. Bytes after it (a body, a pipelined request) are never
-/// looked at: this is the connection's last request.
-async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
+/// Reads and parses the request head; also returns the bytes read after it (the start of a
+/// pipelined request), unparsed.
+pub(super) async fn read_head(stream: &mut TcpStream) -> io::Result<(Head, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     let mut read = [0u8; 1024];
     loop {
@@ -211,16 +179,20 @@ async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
         match parsed.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => return Ok(to_request(&parsed)),
+            Ok(httparse::Status::Complete(len)) => {
+                let head = to_request(&parsed);
+                return Ok((head, buf.split_off(len)));
+            }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
             Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                return Ok(Head::Refused(refuse(
+                let refused = Head::Refused(refuse(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     "request_head_too_large",
                     "the request head is larger than this server accepts",
-                )));
+                ));
+                return Ok((refused, Vec::new()));
             }
-            Err(_) => return Ok(Head::Refused(bad_request())),
+            Err(_) => return Ok((Head::Refused(bad_request()), Vec::new())),
         }
     }
 }
@@ -239,8 +211,8 @@ fn to_request(parsed: &httparse::Request<'_, '_>) -> Head {
     else {
         return bad();
     };
-    // No body on this route: a GET that announces one is refused, as hyper would refuse an
-    // ambiguous one, so both paths agree whatever follows the head.
+    // No body on the routes served outside hyper (GETs): a request that announces one is
+    // refused, as hyper would refuse an ambiguous one, so both paths agree whatever follows.
     let announces_body = parsed.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("transfer-encoding")
             || (h.name.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0")
@@ -249,7 +221,7 @@ fn to_request(parsed: &httparse::Request<'_, '_>) -> Head {
         return Head::Refused(refuse(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "an event-stream request has no body",
+            "this request has no body",
         ));
     }
     let mut builder = Request::builder()
@@ -274,12 +246,21 @@ fn refuse(status: StatusCode, code: &'static str, detail: &'static str) -> Respo
 }
 
 /// Writes a complete (non-stream) answer with its length, and closes.
-async fn answer_once(stream: &mut TcpStream, response: Response<Body>) -> io::Result<()> {
+pub(super) async fn answer_once(
+    stream: &mut TcpStream,
+    response: Response<Body>,
+) -> io::Result<()> {
     let (parts, body) = response.into_parts();
     let body = axum::body::to_bytes(body, MAX_ANSWER)
         .await
         .unwrap_or_else(|_| Bytes::new());
-    let mut out = response_head(parts.status, &parts.headers, Some(body.len()), false);
+    let mut out = response_head(
+        parts.status,
+        &parts.headers,
+        Some(body.len() as u64),
+        false,
+        false,
+    );
     out.extend_from_slice(&body);
     stream.write_all(&out).await?;
     stream.shutdown().await?;
@@ -297,12 +278,14 @@ async fn answer_once(stream: &mut TcpStream, response: Response<Body>) -> io::Re
     Ok(())
 }
 
-/// Status line and headers. Framing headers are ours to set; the connection always closes.
-fn response_head(
+/// Status line and headers. Framing headers are ours to set; the connection closes after the
+/// response unless `keep_alive`.
+pub(super) fn response_head(
     status: StatusCode,
     headers: &axum::http::HeaderMap,
-    length: Option<usize>,
+    length: Option<u64>,
     chunked: bool,
+    keep_alive: bool,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -334,7 +317,10 @@ fn response_head(
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    out.extend_from_slice(b"connection: close\r\n\r\n");
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
     out
 }
 
@@ -346,7 +332,7 @@ fn line(out: &mut Vec<u8>, name: &str, value: &HeaderValue) {
 }
 
 /// Appends one frame: as an HTTP/1.1 chunk, or as is when the close delimits the body.
-fn frame_into(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
+pub(super) fn frame_into(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
     if data.is_empty() {
         // An empty chunk would end the body.
         return;

@@ -41,8 +41,8 @@ use tokio::fs::{self, File};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use super::{
-    ByteStream, GetResult, ListPage, Listed, ObjectMeta, PutOptions, Storage, StorageError,
-    StoragePath, fit_range,
+    ByteStream, FileSpan, GetResult, ListPage, Listed, ObjectMeta, PutOptions, Storage,
+    StorageError, StoragePath, fit_range,
 };
 
 const MAGIC: &[u8; 8] = b"CYBOBJ\x00\x01";
@@ -549,6 +549,70 @@ fn prefetch(file: &std::fs::File, range: Range<u64>) {
 #[cfg(not(target_os = "linux"))]
 fn prefetch(_file: &std::fs::File, _range: Range<u64>) {}
 
+/// Reads `start..end` of `file` in order, chunk by chunk, up to [`READ_AHEAD`] chunks ahead of
+/// the receiver. The reader waits (holding no thread) while the receiver is slow, and stops when
+/// the receiver is dropped.
+fn read_in_order(
+    file: Arc<std::fs::File>,
+    start: u64,
+    end: u64,
+) -> tokio::sync::mpsc::Receiver<Result<Bytes, StorageError>> {
+    let (chunks, ready) = tokio::sync::mpsc::channel(READ_AHEAD);
+    tokio::spawn(async move {
+        let mut prefetch = Prefetch::new(start..end);
+        let mut at = start;
+        while at < end {
+            let len = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let ahead = prefetch.next(at);
+            let chunk = read_chunk(file.clone(), at, len, ahead).await;
+            let failed = chunk.is_err();
+            if chunks.send(chunk).await.is_err() || failed {
+                return;
+            }
+            at += len as u64;
+        }
+    });
+    ready
+}
+
+/// When a sequential reader of a range asks the kernel to bring the file in ahead of it: up to
+/// [`PREFETCH_WINDOW`] past the read position, renewed each time that has moved a quarter of the
+/// window on (never for a range of one chunk or less).
+pub struct Prefetch {
+    end: u64,
+    /// How far the kernel was asked to bring the file in so far.
+    asked: u64,
+}
+
+impl Prefetch {
+    pub fn new(range: Range<u64>) -> Self {
+        let asked = if range.end - range.start > CHUNK as u64 {
+            range.start
+        } else {
+            range.end
+        };
+        Self {
+            end: range.end,
+            asked,
+        }
+    }
+
+    /// The part of the file to ask for now that the reader is at `at`, if any.
+    pub fn next(&mut self, at: u64) -> Option<Range<u64>> {
+        let want = (at + PREFETCH_WINDOW).min(self.end);
+        let due =
+            (want == self.end && self.asked < self.end) || want >= self.asked + PREFETCH_WINDOW / 4;
+        due.then(|| std::mem::replace(&mut self.asked, want)..want)
+    }
+
+    /// Asks the kernel for the part due at `at` (see [`Prefetch::next`]); blocking.
+    pub fn advise(&mut self, file: &std::fs::File, at: u64) {
+        if let Some(ahead) = self.next(at) {
+            prefetch(file, ahead);
+        }
+    }
+}
+
 /// `len` bytes of `file` from `at`, read on the blocking pool, after asking for `ahead` to be
 /// brought in.
 async fn read_chunk(
@@ -681,39 +745,25 @@ impl Storage for LocalStorage {
             // An object's file never changes once in place (a replacement is a new file renamed
             // over it), so positional reads of this handle see one version throughout.
             let file = Arc::new(f.into_std().await);
-            let (chunks, ready) = tokio::sync::mpsc::channel(READ_AHEAD);
+            let span = FileSpan {
+                file: file.clone(),
+                range: range.clone(),
+                sent: None,
+            };
+            // The reader starts when the body is first polled: a sender that takes the file span
+            // instead reads nothing twice.
             let (start, end) = (range.start, range.end);
-            // The reader waits (holding no thread) while the client is slow, and stops when the
-            // body is dropped.
-            tokio::spawn(async move {
-                let mut at = start;
-                // What the kernel was asked to bring in so far (nothing for one chunk or less).
-                let mut asked = if end - start > CHUNK as u64 {
-                    start
-                } else {
-                    end
-                };
-                while at < end {
-                    let len = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-                    let want = (at + PREFETCH_WINDOW).min(end);
-                    let ahead = ((want == end && asked < end)
-                        || want >= asked + PREFETCH_WINDOW / 4)
-                        .then(|| std::mem::replace(&mut asked, want)..want);
-                    let chunk = read_chunk(file.clone(), at, len, ahead).await;
-                    let failed = chunk.is_err();
-                    if chunks.send(chunk).await.is_err() || failed {
-                        return;
-                    }
-                    at += len as u64;
-                }
-            });
-            let body = futures::stream::unfold(ready, |mut ready| async move {
-                ready.recv().await.map(|chunk| (chunk, ready))
-            });
+            let body = futures::stream::once(async move { read_in_order(file, start, end) })
+                .flat_map(|ready| {
+                    futures::stream::unfold(ready, |mut ready| async move {
+                        ready.recv().await.map(|chunk| (chunk, ready))
+                    })
+                });
             Ok(GetResult {
                 meta,
                 range,
                 body: Box::pin(body),
+                file: Some(span),
             })
         })
     }

@@ -91,6 +91,7 @@ impl Storage for MemoryStorage {
                 meta,
                 range,
                 body: super::body_from(slice),
+                file: None,
             })
         })
     }

@@ -9,7 +9,8 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::{
-    ByteStream, GetResult, ListPage, ObjectMeta, PutOptions, Storage, StorageError, StoragePath,
+    ByteStream, FileSpan, GetResult, ListPage, ObjectMeta, PutOptions, Storage, StorageError,
+    StoragePath,
 };
 
 /// A backend with its metrics.
@@ -46,10 +47,13 @@ fn record<T>(
         .record(started.elapsed().as_secs_f64());
 }
 
+fn bytes_counter(backend: &'static str, direction: &'static str) -> metrics::Counter {
+    metrics::counter!("storage_bytes_total", "backend" => backend, "direction" => direction)
+}
+
 /// Counts the bytes a body carries as they pass.
 fn counting(body: ByteStream, backend: &'static str, direction: &'static str) -> ByteStream {
-    let bytes =
-        metrics::counter!("storage_bytes_total", "backend" => backend, "direction" => direction);
+    let bytes = bytes_counter(backend, direction);
     Box::pin(body.map(move |chunk| {
         if let Ok(c) = &chunk {
             bytes.increment(c.len() as u64);
@@ -94,6 +98,10 @@ impl Storage for Metered {
             record(backend, "get", started, &result);
             result.map(|got| GetResult {
                 body: counting(got.body, backend, "out"),
+                file: got.file.map(|span| FileSpan {
+                    sent: Some(bytes_counter(backend, "out")),
+                    ..span
+                }),
                 ..got
             })
         })

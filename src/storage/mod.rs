@@ -88,6 +88,30 @@ pub struct GetResult {
     /// The bytes the body holds, within `0..meta.size`.
     pub range: Range<u64>,
     pub body: ByteStream,
+    /// The same bytes as a span of a local file, when the backend keeps them in one, for a sender
+    /// that can have the kernel move them to a socket (`sendfile`) instead of polling `body`. A
+    /// sender uses one or the other: `body` reads nothing until it is first polled.
+    pub file: Option<FileSpan>,
+}
+
+/// Bytes of an object held in a local file.
+#[derive(Clone)]
+pub struct FileSpan {
+    /// Opened read-only; never written while open (a replacement is a new file renamed over it).
+    pub file: std::sync::Arc<std::fs::File>,
+    /// Where the bytes lie in the file.
+    pub range: Range<u64>,
+    /// Counts the bytes sent from the span (`storage_bytes_total{direction="out"}`), when metered.
+    pub sent: Option<metrics::Counter>,
+}
+
+impl FileSpan {
+    /// Records `n` bytes sent from the span.
+    pub fn count_sent(&self, n: u64) {
+        if let Some(counter) = &self.sent {
+            counter.increment(n);
+        }
+    }
 }
 
 /// One page of a listing, in byte order of path.

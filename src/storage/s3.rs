@@ -575,6 +575,7 @@ impl Storage for S3Storage {
                 meta,
                 range,
                 body: Box::pin(body),
+                file: None,
             })
         })
     }

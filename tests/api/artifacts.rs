@@ -276,6 +276,235 @@ async fn artifacts_stream_in_and_out_with_metadata_ranges_and_conditions() {
     );
 }
 
+/// Reads one answer off `conn` (framed by its `Content-Length`; none for a `304`), keeping what
+/// was read past it in `buf` for the next.
+async fn next_answer(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> RawAnswer {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut fill = async |conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>| {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("more of the answer within 10s")
+            .expect("read");
+        assert!(n > 0, "the connection closed mid-answer");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        fill(conn, buf).await;
+    };
+    let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = text.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len = if status == 304 {
+        0
+    } else {
+        headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no content-length in {text:?}"))
+    };
+    buf.drain(..end + 4);
+    while buf.len() < len {
+        fill(conn, buf).await;
+    }
+    let body = buf.drain(..len).collect();
+    RawAnswer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// True once the server has closed `conn` (nothing more after what was read).
+async fn closed(conn: &mut tokio::net::TcpStream) -> bool {
+    let mut rest = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), conn.read(&mut rest)).await,
+        Ok(Ok(0))
+    )
+}
+
+/// A download on a connection's first request is sent from the object's file by the kernel; the
+/// answers are the same as hyper's (full, ranged, `304`, errors), a slow reader gets every byte,
+/// the connection carries on with the requests that follow (pipelined or not), and the bytes are
+/// counted.
+#[tokio::test]
+async fn downloads_that_open_a_connection_are_whole_and_the_connection_carries_on() {
+    let root = std::env::temp_dir().join(format!("cyb-download-{}", uuid::Uuid::new_v4().simple()));
+    let app = TestApp::spawn_with(
+        Options::default()
+            .env("STORAGE_BACKEND", "local")
+            .env("STORAGE_LOCAL_ROOT", root.to_str().expect("utf-8 path")),
+    )
+    .await;
+    let t = app.tenant("downloads").await;
+    // Over one burst of the sender (16 MiB), so a download takes more than one.
+    let data = pattern(20 * 1024 * 1024 + 12_345);
+    let stored = expect_json(
+        put(&app, &t.operator, "big.bin", data.clone()).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let etag = format!("\"{}\"", stored["sha256"].as_str().expect("sha"));
+    let bytes_out = |text: &str| {
+        crate::metrics::sample(
+            text,
+            "storage_bytes_total",
+            &[("backend", "local"), ("direction", "out")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = bytes_out(&crate::metrics::scrape_text(&app).await);
+    let request = |extra: &str| {
+        format!(
+            "GET /v1/artifacts/big.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n{extra}\r\n",
+            t.viewer
+        )
+    };
+
+    // A reader with a small receive window, so the server finds the socket full again and again;
+    // three more requests pipelined behind the download, answered on the same connection.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    let mut conn = socket.connect(app.addr).await.expect("connect");
+    let missing = format!(
+        "GET /v1/artifacts/missing.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        t.viewer
+    );
+    let pipelined = [
+        request(""),
+        request("Range: bytes=1000-1999\r\n"),
+        request(&format!("If-None-Match: {etag}\r\n")),
+        missing,
+    ]
+    .concat();
+    conn.write_all(pipelined.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let whole = next_answer(&mut conn, &mut buf).await;
+    assert_eq!(whole.status, 200);
+    assert_eq!(whole.header("content-length"), Some("20983865"));
+    assert_eq!(whole.header("etag"), Some(etag.as_str()));
+    assert_eq!(whole.header("accept-ranges"), Some("bytes"));
+    assert!(whole.header("connection").is_none(), "{:?}", whole.headers);
+    assert!(whole.body == data, "the downloaded bytes are the object's");
+    let ranged = next_answer(&mut conn, &mut buf).await;
+    assert_eq!(ranged.status, 206);
+    assert_eq!(
+        ranged.header("content-range"),
+        Some("bytes 1000-1999/20983865")
+    );
+    assert_eq!(ranged.body, &data[1000..2000]);
+    let unchanged = next_answer(&mut conn, &mut buf).await;
+    assert_eq!(unchanged.status, 304);
+    let gone = next_answer(&mut conn, &mut buf).await;
+    assert_eq!(gone.status, 404);
+    assert_eq!(
+        gone.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert!(buf.is_empty(), "nothing after the last answer: {buf:?}");
+    assert!(closed(&mut conn).await, "closed as the last request asked");
+
+    // A ranged download opening a connection that asks to close.
+    let mut conn = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let range = request("Range: bytes=17000000-\r\nConnection: close\r\n");
+    conn.write_all(range.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let tail = next_answer(&mut conn, &mut buf).await;
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.header("connection"), Some("close"));
+    assert_eq!(
+        tail.header("content-range"),
+        Some("bytes 17000000-20983864/20983865")
+    );
+    assert!(tail.body == data[17_000_000..], "the tail's bytes");
+    assert!(closed(&mut conn).await);
+
+    // A 304 and a refusal (no credentials) opening connections, each followed by a download on
+    // the same connection.
+    for (first, status) in [
+        (request(&format!("If-None-Match: {etag}\r\n")), 304),
+        (
+            "GET /v1/artifacts/big.bin HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(),
+            401,
+        ),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(app.addr)
+            .await
+            .expect("connect");
+        conn.write_all(first.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let answer = next_answer(&mut conn, &mut buf).await;
+        assert_eq!(answer.status, status);
+        if status == 401 {
+            let problem: Value = serde_json::from_slice(&answer.body).expect("problem json");
+            assert_eq!(problem["status"], 401, "{problem}");
+        }
+        let then = request("Range: bytes=0-9\r\n");
+        conn.write_all(then.as_bytes()).await.expect("write");
+        let next = next_answer(&mut conn, &mut buf).await;
+        assert_eq!(
+            next.status, 206,
+            "the connection carried on after {}",
+            answer.status
+        );
+        assert_eq!(next.body, &data[..10]);
+    }
+
+    // HTTP/1.0: the answer ends with the connection.
+    let mut conn = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let old = format!(
+        "GET /v1/artifacts/big.bin HTTP/1.0\r\nAuthorization: Bearer {}\r\nRange: bytes=5-9\r\n\r\n",
+        t.viewer
+    );
+    conn.write_all(old.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let answer = next_answer(&mut conn, &mut buf).await;
+    assert_eq!(answer.status, 206);
+    assert_eq!(answer.body, &data[5..10]);
+    assert!(closed(&mut conn).await);
+
+    // A reader that goes away part-way: the server carries on serving.
+    let mut conn = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    conn.write_all(request("").as_bytes()).await.expect("write");
+    let mut some = vec![0u8; 64 * 1024];
+    conn.read_exact(&mut some)
+        .await
+        .expect("the download starts");
+    drop(conn);
+    let again = app.get("/v1/artifacts/big.bin", &t.viewer).await;
+    assert_eq!(again.status(), StatusCode::OK);
+    assert!(again.bytes().await.expect("body").as_ref() == &data[..]);
+
+    // Every byte sent is counted: the whole object three times (once cut short, so at least
+    // twice), and the ranges.
+    let sent = bytes_out(&crate::metrics::scrape_text(&app).await) - before;
+    let whole = data.len() as f64;
+    let ranges = (1000 + (data.len() - 17_000_000) + 10 + 10 + 5) as f64;
+    assert!(
+        sent >= 2.0 * whole + ranges && sent <= 3.0 * whole + ranges,
+        "bytes out: {sent}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[tokio::test]
 async fn artifacts_are_the_tenants_own() {
     let app = TestApp::spawn().await;

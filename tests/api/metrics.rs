@@ -204,7 +204,7 @@ fn parse_series(line: &str) -> Option<(&str, BTreeMap<String, String>, f64)> {
 }
 
 /// The value of the series `name` with exactly `labels`, if the exposition has it.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let wanted: BTreeMap<String, String> = labels
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -215,7 +215,7 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .map(|(_, _, v)| v)
 }
 
-async fn scrape_text(app: &TestApp) -> String {
+pub(crate) async fn scrape_text(app: &TestApp) -> String {
     let res = scrape(app, None).await;
     assert_eq!(res.status(), StatusCode::OK);
     res.text().await.unwrap()
