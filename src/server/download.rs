@@ -34,6 +34,8 @@ use crate::storage::FileSpan;
 
 /// The request line start that selects this path.
 pub(super) const PREFIX: &[u8] = b"GET /v1/artifacts/";
+/// A streamed answer's bytes are gathered up to about this size per write.
+const COALESCE: usize = 64 * 1024;
 /// Most bytes one hop to the blocking pool sends before giving its thread back.
 #[cfg(target_os = "linux")]
 const BURST: u64 = 16 * 1024 * 1024;
@@ -136,8 +138,8 @@ async fn respond(
     // Without a length, HTTP/1.1 frames the body in chunks; HTTP/1.0 ends it with the close.
     let chunked = length.is_none() && version == Version::HTTP_11;
     let keep_alive = keep_alive && (length.is_some() || chunked);
-    let head = response_head(status, &parts.headers, length, chunked, keep_alive);
-    stream.write_all(&head).await?;
+    // The head leaves with the body's first bytes (a short answer in one write).
+    let mut out = response_head(status, &parts.headers, length, chunked, keep_alive);
     let mut frames = body.into_data_stream();
     let mut written = 0u64;
     while let Some(frame) = frames.next().await {
@@ -148,12 +150,10 @@ async fn respond(
                 "the body is longer than its content-length",
             ));
         }
-        if chunked {
-            let mut out = Vec::with_capacity(data.len() + 16);
-            frame_into(&mut out, &data, true);
+        frame_into(&mut out, &data, chunked);
+        if out.len() >= COALESCE {
             stream.write_all(&out).await?;
-        } else {
-            stream.write_all(&data).await?;
+            out.clear();
         }
     }
     if length.is_some_and(|len| written != len) {
@@ -162,8 +162,9 @@ async fn respond(
         ));
     }
     if chunked {
-        stream.write_all(b"0\r\n\r\n").await?;
+        out.extend_from_slice(b"0\r\n\r\n");
     }
+    stream.write_all(&out).await?;
     Ok(keep_alive)
 }
 

@@ -269,8 +269,28 @@ impl LocalStorage {
 
     async fn open_object(&self, path: &StoragePath) -> Result<(File, ObjectMeta), StorageError> {
         let file = self.file(path);
-        self.no_links(&file).await?;
-        let mut f = File::open(&file).await?;
+        let (objects, below) = (self.objects.clone(), file.clone());
+        let opened = tokio::task::spawn_blocking(move || open_beneath(&objects, &below))
+            .await
+            .map_err(|e| StorageError::Backend(format!("opening an object: {e}")))?;
+        let f = match opened {
+            Ok(f) => f,
+            // A kernel without openat2 (before Linux 5.6), or a seccomp filter refusing it: each
+            // component is checked, then the object is opened without following a link in its
+            // last one.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+                self.no_links(&file).await?;
+                nofollow_open(&file).await?
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(StorageError::Backend(format!(
+                    "refusing to follow a symbolic link on the way to {}",
+                    file.display()
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut f = File::from_std(f);
         let meta = read_trailer(&mut f).await?;
         Ok((f, meta))
     }
@@ -665,6 +685,78 @@ fn read_exact_at(file: &std::fs::File, at: u64, len: usize) -> std::io::Result<V
         }
     }
     Ok(buf)
+}
+
+/// Opens `path` (below `root`) for reading in one step that follows no symbolic link on the way
+/// and cannot leave `root` (`openat2` with `RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH`): a link
+/// swapped in after a check could not redirect it, as it could a check followed by an open.
+/// `ENOSYS` where the kernel lacks `openat2`, `ELOOP` for a link on the way.
+#[cfg(target_os = "linux")]
+fn open_beneath(root: &Path, path: &Path) -> std::io::Result<std::fs::File> {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let below = path
+        .strip_prefix(root)
+        .map_err(|_| std::io::Error::other("path outside the storage root"))?;
+    let below = CString::new(below.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path with a NUL byte"))?;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(root)?;
+    /// The kernel's `struct open_how` (linux/openat2.h).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH,
+    };
+    // SAFETY: the directory descriptor is open for the call, `below` is a NUL-terminated string
+    // that outlives it, and `how` is a valid open_how whose size is passed with it. The kernel
+    // reads these and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            below.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd =
+        libc::c_int::try_from(fd).map_err(|_| std::io::Error::other("descriptor out of range"))?;
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_beneath(_root: &Path, _path: &Path) -> std::io::Result<std::fs::File> {
+    Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
+/// Opens `path` for reading, refusing a symbolic link as its last component.
+async fn nofollow_open(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Removes an upload's temp file when the upload is abandoned half-way.

@@ -468,6 +468,15 @@ async fn the_local_backend_cleans_unfinished_uploads_and_never_follows_links() {
             .is_err()
     );
     assert!(reopened.delete(&through).await.is_err());
+    // A link as the object's own file, pointing at a well-formed object file outside.
+    std::os::unix::fs::symlink(outside.join("secret\\"), tenant_dir.join("linked\\"))
+        .expect("symlink");
+    let linked = path(a, "linked");
+    assert!(matches!(
+        reopened.get(&linked, None).await.err(),
+        Some(StorageError::Backend(_))
+    ));
+    assert!(reopened.head(&linked).await.is_err());
     assert!(
         outside.join("secret\\").exists(),
         "nothing outside the root was deleted"
