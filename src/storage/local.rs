@@ -598,14 +598,14 @@ fn read_in_order(
 /// When a sequential reader of a range asks the kernel to bring the file in ahead of it: up to
 /// [`PREFETCH_WINDOW`] past the read position, renewed each time that has moved a quarter of the
 /// window on (never for a range of one chunk or less).
-pub struct Prefetch {
+struct Prefetch {
     end: u64,
     /// How far the kernel was asked to bring the file in so far.
     asked: u64,
 }
 
 impl Prefetch {
-    pub fn new(range: Range<u64>) -> Self {
+    fn new(range: Range<u64>) -> Self {
         let asked = if range.end - range.start > CHUNK as u64 {
             range.start
         } else {
@@ -618,18 +618,11 @@ impl Prefetch {
     }
 
     /// The part of the file to ask for now that the reader is at `at`, if any.
-    pub fn next(&mut self, at: u64) -> Option<Range<u64>> {
+    fn next(&mut self, at: u64) -> Option<Range<u64>> {
         let want = (at + PREFETCH_WINDOW).min(self.end);
         let due =
             (want == self.end && self.asked < self.end) || want >= self.asked + PREFETCH_WINDOW / 4;
         due.then(|| std::mem::replace(&mut self.asked, want)..want)
-    }
-
-    /// Asks the kernel for the part due at `at` (see [`Prefetch::next`]); blocking.
-    pub fn advise(&mut self, file: &std::fs::File, at: u64) {
-        if let Some(ahead) = self.next(at) {
-            prefetch(file, ahead);
-        }
     }
 }
 
