@@ -38,7 +38,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use tokio::fs::{self, File};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{
     ByteStream, FileSpan, GetResult, ListPage, Listed, ObjectMeta, PutOptions, Storage,
@@ -53,6 +53,9 @@ const OBJECT_SUFFIX: char = '\\';
 /// Read and write unit: each is one hop to tokio's blocking pool, so larger is faster up to the
 /// pool's own buffer (2 MiB).
 const CHUNK: usize = 1024 * 1024;
+/// Body chunks written by one call at most (`IOV_MAX`): a client trickling tiny chunks makes
+/// small writes, not a long list of chunks held in memory.
+const MAX_BATCH_CHUNKS: usize = 1024;
 /// An upload starts the writeback of what it received each time this much more has arrived.
 const WRITEBACK_STEP: u64 = 16 * 1024 * 1024;
 /// Chunks a get holds ready ahead of the one being sent.
@@ -315,31 +318,16 @@ impl LocalStorage {
         // Removes the temp file if this future is dropped mid-upload (the client went away).
         let mut guard = RemoveOnDrop(Some(temp.clone()));
         let written = async {
-            // A second handle to the file, for starting writeback off the runtime's threads.
-            let flusher = Arc::new(file.try_clone().await?.into_std().await);
-            let mut out = BufWriter::with_capacity(CHUNK, file);
-            let mut hash = Sha256::new();
-            let mut size: u64 = 0;
-            let mut handed: u64 = 0;
-            let mut writeback: Option<tokio::task::JoinHandle<()>> = None;
+            let mut writer = Writer::new(Arc::new(file.into_std().await));
+            let mut batch = Batch::default();
             while let Some(chunk) = body.next().await {
-                let chunk = chunk?;
-                hash.update(&chunk);
-                size += chunk.len() as u64;
-                out.write_all(&chunk).await?;
-                if size - handed >= WRITEBACK_STEP {
-                    // Everything received so far is in the kernel's hands after the flush.
-                    out.flush().await?;
-                    if let Some(previous) = writeback.take() {
-                        let _ = previous.await;
-                    }
-                    let (file, from, len) = (flusher.clone(), handed, size - handed);
-                    writeback = Some(tokio::task::spawn_blocking(move || {
-                        start_writeback(&file, from, len);
-                    }));
-                    handed = size;
+                batch.push(chunk?);
+                if batch.len >= CHUNK || batch.chunks.len() >= MAX_BATCH_CHUNKS {
+                    writer.write(std::mem::take(&mut batch)).await?;
                 }
             }
+            writer.write(batch).await?;
+            let (file, hash, size) = writer.finish().await?;
             let meta = ObjectMeta {
                 path: path.as_str().to_owned(),
                 size,
@@ -351,11 +339,17 @@ impl LocalStorage {
             };
             let json =
                 serde_json::to_vec(&meta).map_err(|e| StorageError::Backend(e.to_string()))?;
-            out.write_all(&json).await?;
-            out.write_all(&(json.len() as u64).to_le_bytes()).await?;
-            out.write_all(MAGIC).await?;
-            out.flush().await?;
-            out.get_ref().sync_all().await?;
+            let mut trailer = json;
+            trailer.extend_from_slice(&(trailer.len() as u64).to_le_bytes());
+            trailer.extend_from_slice(MAGIC);
+            tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut out: &std::fs::File = &file;
+                out.write_all(&trailer)?;
+                file.sync_all()
+            })
+            .await
+            .map_err(|e| StorageError::Backend(format!("writing an object: {e}")))??;
             Ok::<_, StorageError>(meta)
         }
         .await;
@@ -752,6 +746,109 @@ async fn nofollow_open(path: &Path) -> std::io::Result<std::fs::File> {
     .map_err(std::io::Error::other)?
 }
 
+/// Chunks of an upload's body gathered for one write.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl Batch {
+    fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        self.chunks.push(chunk);
+    }
+}
+
+/// Hashes and writes an upload's body batch by batch on the blocking pool, one batch at a time,
+/// while the next batch arrives: the bytes go from the body's buffers straight into the file, with
+/// no copy in between, and the hashing leaves the runtime's threads. Every [`WRITEBACK_STEP`] it
+/// starts the writeback of what it wrote.
+struct Writer {
+    file: Arc<std::fs::File>,
+    /// The batch being written; it hands back the hash and the size so far.
+    running: Option<tokio::task::JoinHandle<std::io::Result<(Sha256, u64)>>>,
+    hash: Option<Sha256>,
+    size: u64,
+    /// What the writeback was started for so far.
+    handed: u64,
+}
+
+impl Writer {
+    fn new(file: Arc<std::fs::File>) -> Self {
+        Self {
+            file,
+            running: None,
+            hash: Some(Sha256::new()),
+            size: 0,
+            handed: 0,
+        }
+    }
+
+    /// Waits for the batch being written.
+    async fn settle(&mut self) -> Result<(), StorageError> {
+        if let Some(running) = self.running.take() {
+            let (hash, size) = running
+                .await
+                .map_err(|e| StorageError::Backend(format!("writing an object: {e}")))??;
+            self.hash = Some(hash);
+            self.size = size;
+        }
+        Ok(())
+    }
+
+    /// Starts writing `batch` once the one before is written.
+    async fn write(&mut self, batch: Batch) -> Result<(), StorageError> {
+        if batch.len == 0 {
+            return Ok(());
+        }
+        self.settle().await?;
+        let mut hash = self.hash.take().unwrap_or_default();
+        let (file, mut size) = (self.file.clone(), self.size);
+        let from = self.handed;
+        let start_writeback_now = size + batch.len as u64 - from >= WRITEBACK_STEP;
+        if start_writeback_now {
+            self.handed = size + batch.len as u64;
+        }
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            for chunk in &batch.chunks {
+                hash.update(chunk);
+            }
+            write_chunks(&file, &batch.chunks)?;
+            size += batch.len as u64;
+            if start_writeback_now {
+                start_writeback(&file, from, size - from);
+            }
+            Ok((hash, size))
+        }));
+        Ok(())
+    }
+
+    /// Waits for the last batch: the file, the hash of everything written and its size.
+    async fn finish(mut self) -> Result<(Arc<std::fs::File>, Sha256, u64), StorageError> {
+        self.settle().await?;
+        Ok((self.file, self.hash.unwrap_or_default(), self.size))
+    }
+}
+
+/// Writes every chunk, in order, with as few calls as the kernel allows.
+fn write_chunks(file: &std::fs::File, chunks: &[Bytes]) -> std::io::Result<()> {
+    use std::io::{IoSlice, Write};
+    let mut out = file;
+    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let take = rest.len().min(MAX_BATCH_CHUNKS);
+        match out.write_vectored(&rest[..take]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Removes an upload's temp file when the upload is abandoned half-way.
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -910,5 +1007,24 @@ impl Storage for LocalStorage {
                 items,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_written_whole_and_in_order() {
+        let path = std::env::temp_dir().join(format!("cyb-chunks-{}", uuid::Uuid::new_v4()));
+        let file = std::fs::File::create(&path).expect("create");
+        // More chunks than one call takes, of uneven sizes (empty ones too).
+        let chunks: Vec<Bytes> = (0..3000usize)
+            .map(|i| Bytes::from(vec![(i % 251) as u8; (i * 37) % 700]))
+            .collect();
+        write_chunks(&file, &chunks).expect("write");
+        let expected: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(std::fs::read(&path).expect("read back"), expected);
+        let _ = std::fs::remove_file(&path);
     }
 }
