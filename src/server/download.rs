@@ -25,32 +25,44 @@ use std::task::{Context, Poll};
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode, Version, header};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::event_stream::{Head, answer_once, frame_into, read_head, response_head};
+use super::event_stream::{Head, close_after_answer, frame_into, read_head, response_head};
 use crate::storage::FileSpan;
 
 /// The request line start that selects this path.
 pub(super) const PREFIX: &[u8] = b"GET /v1/artifacts/";
-/// A streamed answer's bytes are gathered up to about this size per write.
+/// A streamed answer's frames that are ready at once are gathered up to about this size per write.
 const COALESCE: usize = 64 * 1024;
 /// Most bytes one hop to the blocking pool sends before giving its thread back.
 #[cfg(target_os = "linux")]
 const BURST: u64 = 16 * 1024 * 1024;
+/// Most time one hop to the blocking pool spends before giving its thread back.
+#[cfg(target_os = "linux")]
+const BURST_TIME: std::time::Duration = std::time::Duration::from_millis(50);
+/// Hops to the blocking pool that downloads make at once, at most: the pool also serves uploads
+/// and every file open, and a crowd of downloads must not starve them.
+#[cfg(target_os = "linux")]
+const MAX_BURSTS: usize = 16;
 /// Largest single `sendfile` call.
 #[cfg(target_os = "linux")]
 const STEP: u64 = 4 * 1024 * 1024;
-/// How long a burst waits for room in a full socket before giving its thread back.
+/// How long a burst that is moving bytes waits for room in a full socket before giving its
+/// thread back.
 #[cfg(target_os = "linux")]
 const ROOM_WAIT_MS: libc::c_int = 5;
 
+#[cfg(target_os = "linux")]
+static BURSTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_BURSTS);
+
 /// Serves the connection's first request, a download. Returns the connection, with the bytes
-/// read past that request, when it stays open for more (served by hyper).
+/// read past that request, when it goes on (served by hyper). A head this path does not take (too
+/// large for it, or announcing a body) goes to hyper whole, which answers it as it would anywhere.
 pub(super) async fn serve(
     mut stream: TcpStream,
     router: Router,
@@ -61,24 +73,24 @@ pub(super) async fn serve(
         () = closing.cancelled() => return None,
         head = Box::pin(tokio::time::timeout_at(deadline, read_head(&mut stream))) => head,
     };
-    let (request, after) = match head {
-        Ok(Ok((Head::Request(request), after))) => (request, after),
-        Ok(Ok((Head::Refused(answer), _))) => {
-            let _ = Box::pin(answer_once(&mut stream, answer)).await;
-            return None;
-        }
+    let (request, mut read, len) = match head {
+        Ok(Ok((Head::Request(request), read, len))) => (request, read, len),
+        Ok(Ok((Head::Refused(_), read, _))) => return Some(Resumed::new(stream, read)),
         Ok(Err(_)) | Err(_) => return None,
     };
+    let after = read.split_off(len);
     let keep_alive = wants_keep_alive(&request);
     let version = request.version();
     let response = match Box::pin(router.oneshot(request)).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
+    // A server closing answers this request and no more.
+    let keep_alive = keep_alive && !closing.is_cancelled();
     match Box::pin(respond(&mut stream, response, version, keep_alive)).await {
-        Ok(true) if !closing.is_cancelled() => Some(Resumed::new(stream, after)),
-        Ok(_) => {
-            let _ = stream.shutdown().await;
+        Ok(true) => Some(Resumed::new(stream, after)),
+        Ok(false) => {
+            let _ = close_after_answer(&mut stream).await;
             None
         }
         // Cut off mid-answer: the client sees a short body.
@@ -130,8 +142,12 @@ async fn respond(
     if let Some(span) = span.filter(|s| declared == Some(s.range.end - s.range.start)) {
         drop(body);
         let head = response_head(status, &parts.headers, declared, false, keep_alive);
+        // Corked, the head leaves with the first bytes of the file instead of in a packet of its
+        // own; uncorking at the end sends the last partial packet at once.
+        let _ = socket2::SockRef::from(&*stream).set_tcp_cork(true);
         stream.write_all(&head).await?;
         send_file(stream, span).await?;
+        let _ = socket2::SockRef::from(&*stream).set_tcp_cork(false);
         return Ok(keep_alive);
     }
     #[cfg(not(target_os = "linux"))]
@@ -141,33 +157,52 @@ async fn respond(
     // Without a length, HTTP/1.1 frames the body in chunks; HTTP/1.0 ends it with the close.
     let chunked = length.is_none() && version == Version::HTTP_11;
     let keep_alive = keep_alive && (length.is_some() || chunked);
-    // The head leaves with the body's first bytes (a short answer in one write).
+    // The head leaves with the first frame; frames already waiting leave together, and nothing
+    // waits for a frame that is not ready.
     let mut out = response_head(status, &parts.headers, length, chunked, keep_alive);
     let mut frames = body.into_data_stream();
     let mut written = 0u64;
-    while let Some(frame) = frames.next().await {
-        let data = frame.map_err(io::Error::other)?;
-        written += data.len() as u64;
+    let mut ended = false;
+    while !ended {
+        match frames.next().await {
+            Some(frame) => {
+                let data = frame.map_err(io::Error::other)?;
+                written += data.len() as u64;
+                frame_into(&mut out, &data, chunked);
+            }
+            None => ended = true,
+        }
+        while !ended && out.len() < COALESCE {
+            match frames.next().now_or_never() {
+                Some(Some(frame)) => {
+                    let data = frame.map_err(io::Error::other)?;
+                    written += data.len() as u64;
+                    frame_into(&mut out, &data, chunked);
+                }
+                Some(None) => ended = true,
+                None => break,
+            }
+        }
         if length.is_some_and(|len| written > len) {
             return Err(io::Error::other(
                 "the body is longer than its content-length",
             ));
         }
-        frame_into(&mut out, &data, chunked);
-        if out.len() >= COALESCE {
+        if ended {
+            if length.is_some_and(|len| written != len) {
+                return Err(io::Error::other(
+                    "the body is shorter than its content-length",
+                ));
+            }
+            if chunked {
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+        }
+        if !out.is_empty() {
             stream.write_all(&out).await?;
             out.clear();
         }
     }
-    if length.is_some_and(|len| written != len) {
-        return Err(io::Error::other(
-            "the body is shorter than its content-length",
-        ));
-    }
-    if chunked {
-        out.extend_from_slice(b"0\r\n\r\n");
-    }
-    stream.write_all(&out).await?;
     Ok(keep_alive)
 }
 
@@ -185,71 +220,179 @@ async fn send_file(stream: &TcpStream, span: FileSpan) -> io::Result<()> {
     // SAFETY: the `Arc` keeps the duplicated descriptor open, and naming the same socket, for at
     // least as long as the `AsyncFd` holds it; `as_raw_fd` of an `OwnedFd` never changes.
     let room = unsafe { AsyncFd::register_with_interest(socket.clone(), Interest::WRITABLE)? };
+    let mut unfinished = Unfinished(Some(socket.clone()));
     let end = span.range.end;
     let mut at = span.range.start;
+    let mut copy = false;
     while at < end {
         // Readiness is taken before the burst and cleared after it only if nothing new came in
         // meanwhile, so room that opens during a burst is never missed.
         let mut ready = room.writable().await?;
+        let turn = BURSTS.acquire().await.map_err(io::Error::other)?;
         let (file, socket) = (span.file.clone(), socket.clone());
-        let (reached, outcome) =
-            tokio::task::spawn_blocking(move || send_burst(&file, &socket, at, end))
-                .await
-                .map_err(io::Error::other)?;
-        span.count_sent(reached - at);
-        at = reached;
-        if outcome? {
+        let burst = tokio::task::spawn_blocking(move || send_burst(&file, &socket, at, end, copy))
+            .await
+            .map_err(io::Error::other)?;
+        drop(turn);
+        span.count_sent(burst.reached - at);
+        at = burst.reached;
+        copy = burst.copy;
+        if burst.outcome? {
             ready.clear_ready();
         }
     }
+    unfinished.0 = None;
     Ok(())
 }
 
-/// Sends from `at` towards `end`, at most [`BURST`] bytes. Returns where it got to, and whether
-/// it stopped because the socket stayed full.
+/// Shuts the socket down when a download stops before its end (its task cancelled at the drain
+/// deadline, or an error), so a burst still running on the blocking pool fails at its next send
+/// instead of sending on.
+#[cfg(target_os = "linux")]
+struct Unfinished(Option<std::sync::Arc<std::os::fd::OwnedFd>>);
+
+#[cfg(target_os = "linux")]
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        if let Some(socket) = self.0.take() {
+            // SAFETY: the descriptor is open (the `Arc` holds it); shutdown touches no memory.
+            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+struct Burst {
+    /// Where the send got to.
+    reached: u64,
+    /// `Ok(true)` when it stopped because the socket stayed full.
+    outcome: io::Result<bool>,
+    /// The file's system cannot `sendfile`: the bytes are copied (`pread` and `send`).
+    copy: bool,
+}
+
+/// Sends from `at` towards `end`: at most [`BURST`] bytes, for about [`BURST_TIME`] at most.
 #[cfg(target_os = "linux")]
 fn send_burst(
     file: &std::fs::File,
     socket: &std::os::fd::OwnedFd,
     mut at: u64,
     end: u64,
-) -> (u64, io::Result<bool>) {
-    use std::os::fd::AsRawFd;
+    mut copy: bool,
+) -> Burst {
+    let started = std::time::Instant::now();
     let limit = (at + BURST).min(end);
-    while at < limit {
-        let count = usize::try_from((limit - at).min(STEP)).unwrap_or(1 << 20);
-        let Ok(mut offset) = libc::off_t::try_from(at) else {
-            return (at, Err(io::Error::other("file offset out of range")));
+    let mut buf = Vec::new();
+    // Whether the last send moved bytes: a socket that has taken nothing since it last said it
+    // had room gives the thread back instead of being asked again.
+    let mut moved = false;
+    while at < limit && started.elapsed() < BURST_TIME {
+        let count = (limit - at).min(STEP);
+        let sent = if copy {
+            copy_once(file, socket, at, count, &mut buf)
+        } else {
+            send_once(file, socket, at, count)
         };
-        // SAFETY: both descriptors are open for the whole call (borrowed from owners that outlive
-        // it); sendfile reads `offset` and writes the new offset back into it, nothing else of ours.
-        let n = unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut offset, count) };
-        match n {
-            n if n > 0 => at += n as u64,
-            0 => {
-                return (
-                    at,
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the object's file ends before its size",
-                    )),
-                );
+        match sent {
+            Ok(0) => {
+                let outcome = Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the object's file ends before its size",
+                ));
+                return Burst {
+                    reached: at,
+                    outcome,
+                    copy,
+                };
             }
-            _ => {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => {}
-                    io::ErrorKind::WouldBlock => {
-                        if !wait_for_room(socket) {
-                            return (at, Ok(true));
-                        }
-                    }
-                    _ => return (at, Err(e)),
+            Ok(n) => {
+                at += n;
+                moved = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !moved || !wait_for_room(socket) {
+                    return Burst {
+                        reached: at,
+                        outcome: Ok(true),
+                        copy,
+                    };
                 }
+                moved = false;
+            }
+            // A file system without `sendfile` support, found before any byte of it was sent.
+            Err(e) if !copy && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                copy = true;
+            }
+            Err(e) => {
+                return Burst {
+                    reached: at,
+                    outcome: Err(e),
+                    copy,
+                };
             }
         }
     }
-    (at, Ok(false))
+    Burst {
+        reached: at,
+        outcome: Ok(false),
+        copy,
+    }
+}
+
+/// One `sendfile` of up to `count` bytes from `at`.
+#[cfg(target_os = "linux")]
+fn send_once(
+    file: &std::fs::File,
+    socket: &std::os::fd::OwnedFd,
+    at: u64,
+    count: u64,
+) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut offset =
+        libc::off_t::try_from(at).map_err(|_| io::Error::other("file offset out of range"))?;
+    let count = usize::try_from(count).unwrap_or(usize::MAX);
+    // SAFETY: both descriptors are open for the whole call (borrowed from owners that outlive
+    // it); sendfile reads `offset` and writes the new offset back into it, nothing else of ours.
+    let n = unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut offset, count) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as u64)
+}
+
+/// One read of up to 1 MiB from `at` and one send of it, for files `sendfile` cannot read; the
+/// part the socket does not take is read again next time.
+#[cfg(target_os = "linux")]
+fn copy_once(
+    file: &std::fs::File,
+    socket: &std::os::fd::OwnedFd,
+    at: u64,
+    count: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let len = usize::try_from(count.min(1 << 20)).unwrap_or(1 << 20);
+    buf.resize(len, 0);
+    let read = file.read_at(&mut buf[..len], at)?;
+    if read == 0 {
+        return Ok(0);
+    }
+    // SAFETY: `buf[..read]` is initialised and outlives the call; the descriptor is open.
+    let n = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            buf.as_ptr().cast::<libc::c_void>(),
+            read,
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as u64)
 }
 
 /// Waits up to [`ROOM_WAIT_MS`] for the socket to take more (or to fail, which the next send

@@ -57,8 +57,8 @@ pub(super) async fn serve(
     };
     // Bytes after the head are never answered: the stream is the connection's last request.
     let request = match head {
-        Ok(Ok((Head::Request(request), _after))) => request,
-        Ok(Ok((Head::Refused(answer), _))) => {
+        Ok(Ok((Head::Request(request), _, _))) => request,
+        Ok(Ok((Head::Refused(answer), _, _))) => {
             let _ = Box::pin(answer_once(&mut stream, answer)).await;
             return;
         }
@@ -165,9 +165,9 @@ pub(super) enum Head {
     Refused(Response<Body>),
 }
 
-/// Reads and parses the request head; also returns the bytes read after it (the start of a
-/// pipelined request), unparsed.
-pub(super) async fn read_head(stream: &mut TcpStream) -> io::Result<(Head, Vec<u8>)> {
+/// Reads and parses the request head. Also returns every byte read, and how many of them the head
+/// took (0 when it was refused): what follows is the start of a pipelined request, unparsed.
+pub(super) async fn read_head(stream: &mut TcpStream) -> io::Result<(Head, Vec<u8>, usize)> {
     let mut buf = Vec::with_capacity(1024);
     let mut read = [0u8; 1024];
     loop {
@@ -181,7 +181,12 @@ pub(super) async fn read_head(stream: &mut TcpStream) -> io::Result<(Head, Vec<u
         match parsed.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => {
                 let head = to_request(&parsed);
-                return Ok((head, buf.split_off(len)));
+                let len = if matches!(head, Head::Request(_)) {
+                    len
+                } else {
+                    0
+                };
+                return Ok((head, buf, len));
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
             Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
@@ -190,9 +195,9 @@ pub(super) async fn read_head(stream: &mut TcpStream) -> io::Result<(Head, Vec<u
                     "request_head_too_large",
                     "the request head is larger than this server accepts",
                 ));
-                return Ok((refused, Vec::new()));
+                return Ok((refused, buf, 0));
             }
-            Err(_) => return Ok((Head::Refused(bad_request()), Vec::new())),
+            Err(_) => return Ok((Head::Refused(bad_request()), buf, 0)),
         }
     }
 }
@@ -263,6 +268,13 @@ pub(super) async fn answer_once(
     );
     out.extend_from_slice(&body);
     stream.write_all(&out).await?;
+    close_after_answer(stream).await
+}
+
+/// Ends the connection after a complete answer: the write side closes at once, and the client's
+/// remaining bytes are read and dropped for a moment, so the close does not reset the connection
+/// (losing the answer) while the client is still sending.
+pub(super) async fn close_after_answer(stream: &mut TcpStream) -> io::Result<()> {
     stream.shutdown().await?;
     let mut rest = [0u8; 1024];
     let mut drained = 0usize;

@@ -272,16 +272,23 @@ impl LocalStorage {
 
     async fn open_object(&self, path: &StoragePath) -> Result<(File, ObjectMeta), StorageError> {
         let file = self.file(path);
-        let (objects, below) = (self.objects.clone(), file.clone());
-        let opened = tokio::task::spawn_blocking(move || open_beneath(&objects, &below))
-            .await
-            .map_err(|e| StorageError::Backend(format!("opening an object: {e}")))?;
+        static NO_OPENAT2: std::sync::atomic::AtomicBool =
+            std::sync::atomic::AtomicBool::new(false);
+        let opened = if NO_OPENAT2.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
+        } else {
+            let (objects, below) = (self.objects.clone(), file.clone());
+            tokio::task::spawn_blocking(move || open_beneath(&objects, &below))
+                .await
+                .map_err(|e| StorageError::Backend(format!("opening an object: {e}")))?
+        };
         let f = match opened {
             Ok(f) => f,
             // A kernel without openat2 (before Linux 5.6), or a seccomp filter refusing it: each
             // component is checked, then the object is opened without following a link in its
             // last one.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+                NO_OPENAT2.store(true, std::sync::atomic::Ordering::Relaxed);
                 self.no_links(&file).await?;
                 nofollow_open(&file).await?
             }
@@ -690,9 +697,11 @@ fn open_beneath(root: &Path, path: &Path) -> std::io::Result<std::fs::File> {
         .map_err(|_| std::io::Error::other("path outside the storage root"))?;
     let below = CString::new(below.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::other("path with a NUL byte"))?;
+    // The root itself may be reached through a link (the objects directory of a root an operator
+    // linked elsewhere); only the path below it is resolved without links.
     let dir = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(root)?;
     /// The kernel's `struct open_how` (linux/openat2.h).
     #[repr(C)]
@@ -803,7 +812,7 @@ impl Writer {
             return Ok(());
         }
         self.settle().await?;
-        let mut hash = self.hash.take().unwrap_or_default();
+        let mut hash = self.hash.take().ok_or_else(lost_hash)?;
         let (file, mut size) = (self.file.clone(), self.size);
         let from = self.handed;
         let start_writeback_now = size + batch.len as u64 - from >= WRITEBACK_STEP;
@@ -827,8 +836,16 @@ impl Writer {
     /// Waits for the last batch: the file, the hash of everything written and its size.
     async fn finish(mut self) -> Result<(Arc<std::fs::File>, Sha256, u64), StorageError> {
         self.settle().await?;
-        Ok((self.file, self.hash.unwrap_or_default(), self.size))
+        let hash = self.hash.ok_or_else(lost_hash)?;
+        Ok((self.file, hash, self.size))
     }
+}
+
+/// The hash is with the writer except while a batch runs, and [`Writer::settle`] takes it back
+/// before anything else uses it; if that were ever broken, the upload fails rather than store a
+/// wrong checksum.
+fn lost_hash() -> StorageError {
+    StorageError::Backend("the upload's hash was lost".into())
 }
 
 /// Writes every chunk, in order, with as few calls as the kernel allows.

@@ -464,6 +464,32 @@ async fn downloads_that_open_a_connection_are_whole_and_the_connection_carries_o
         assert_eq!(next.body, &data[..10]);
     }
 
+    // Heads this path leaves to hyper, answered as on any connection: one larger than the path
+    // reads itself (16 KiB) and a GET announcing a body.
+    for extra in [
+        format!("X-Filler: {}\r\n", "f".repeat(20_000)),
+        "Content-Length: 5\r\n".to_owned(),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(app.addr)
+            .await
+            .expect("connect");
+        let mut ask = request(&format!("Range: bytes=0-9\r\n{extra}")).into_bytes();
+        if extra.starts_with("Content-Length") {
+            ask.extend_from_slice(b"hello");
+        }
+        conn.write_all(&ask).await.expect("write");
+        let mut buf = Vec::new();
+        let answer = next_answer(&mut conn, &mut buf).await;
+        assert_eq!(answer.status, 206, "{}", &extra[..extra.len().min(20)]);
+        assert_eq!(answer.body, &data[..10]);
+        conn.write_all(request("Range: bytes=10-19\r\n").as_bytes())
+            .await
+            .expect("write");
+        let next = next_answer(&mut conn, &mut buf).await;
+        assert_eq!(next.status, 206);
+        assert_eq!(next.body, &data[10..20]);
+    }
+
     // HTTP/1.0: the answer ends with the connection.
     let mut conn = tokio::net::TcpStream::connect(app.addr)
         .await
@@ -497,7 +523,7 @@ async fn downloads_that_open_a_connection_are_whole_and_the_connection_carries_o
     // twice), and the ranges.
     let sent = bytes_out(&crate::metrics::scrape_text(&app).await) - before;
     let whole = data.len() as f64;
-    let ranges = (1000 + (data.len() - 17_000_000) + 10 + 10 + 5) as f64;
+    let ranges = (1000 + (data.len() - 17_000_000) + 10 + 10 + 4 * 10 + 5) as f64;
     assert!(
         sent >= 2.0 * whole + ranges && sent <= 3.0 * whole + ranges,
         "bytes out: {sent}"
