@@ -477,3 +477,60 @@ impl AsyncWrite for Resumed {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::OwnedFd;
+
+    /// Both ways of sending (sendfile, and the copy for file systems without it) deliver a range
+    /// whole and in order through a socket that fills up, giving the thread back when it is full.
+    #[test]
+    fn bursts_send_a_range_whole_through_a_full_socket() {
+        let path = std::env::temp_dir().join(format!("cyb-burst-{}", uuid::Uuid::new_v4()));
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        for copy in [false, true] {
+            let (sender, mut receiver) = std::os::unix::net::UnixStream::pair().expect("pair");
+            sender.set_nonblocking(true).expect("nonblocking");
+            let (go, start_reading) = std::sync::mpsc::channel::<()>();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                if start_reading.recv().is_ok() {
+                    receiver.read_to_end(&mut got).expect("read");
+                }
+                got
+            });
+            let socket = OwnedFd::from(sender);
+            let (start, end) = (1234u64, data.len() as u64 - 77);
+            // Nobody reads yet: the first burst fills the socket and gives the thread back.
+            let first = send_burst(&file, &socket, start, end, copy);
+            assert!(
+                first.outcome.expect("no error"),
+                "stopped by a full socket (copy={copy})"
+            );
+            assert!(
+                first.reached > start && first.reached < end,
+                "{}",
+                first.reached
+            );
+            go.send(()).expect("reader waiting");
+            let mut at = first.reached;
+            while at < end {
+                let burst = send_burst(&file, &socket, at, end, copy);
+                assert!(burst.reached >= at, "never backwards");
+                assert_eq!(burst.copy, copy, "the mode stays as asked");
+                if burst.outcome.expect("no error") {
+                    wait_for_room(&socket);
+                }
+                at = burst.reached;
+            }
+            drop(socket);
+            let got = reader.join().expect("reader");
+            assert!(got == data[start as usize..end as usize], "copy={copy}");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}

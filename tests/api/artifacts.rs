@@ -10,6 +10,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{Options, TestApp, eventually, expect_json, expect_problem};
 
+/// A server on the local backend, with its root in a fresh temp directory named after `name`.
+async fn on_local_disk(name: &str) -> (TestApp, std::path::PathBuf) {
+    let root = std::env::temp_dir().join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
+    let app = TestApp::spawn_with(
+        Options::default()
+            .env("STORAGE_BACKEND", "local")
+            .env("STORAGE_LOCAL_ROOT", root.to_str().expect("utf-8 path")),
+    )
+    .await;
+    (app, root)
+}
+
 fn pattern(total: usize) -> Vec<u8> {
     (0..total).map(|i| (i % 251) as u8).collect()
 }
@@ -41,6 +53,22 @@ impl RawAnswer {
     }
 }
 
+/// The status and the headers (names in lowercase) of an answer's head, without its blank line.
+fn parse_head(head: &[u8]) -> (u16, Vec<(String, String)>) {
+    let text = String::from_utf8_lossy(head).into_owned();
+    let mut lines = text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers)
+}
+
 /// Sends `head` (which must ask for `Connection: close`) and then `body` on a raw connection, so
 /// the path reaches the server exactly as written (reqwest would normalise `..` and re-encode),
 /// and reads the whole answer.
@@ -59,17 +87,7 @@ async fn exchange(app: &TestApp, head: &str, body: &[u8]) -> RawAnswer {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .unwrap_or_else(|| panic!("no end of head in {:?}", String::from_utf8_lossy(&answer)));
-    let text = String::from_utf8_lossy(&answer[..end]).into_owned();
-    let mut lines = text.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
+    let (status, headers) = parse_head(&answer[..end]);
     let mut body = answer[end + 4..].to_vec();
     if let Some(len) = headers
         .iter()
@@ -294,17 +312,7 @@ async fn next_answer(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Raw
         }
         fill(conn, buf).await;
     };
-    let text = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut lines = text.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
+    let (status, headers) = parse_head(&buf[..end]);
     let len = if status == 304 {
         0
     } else {
@@ -312,7 +320,7 @@ async fn next_answer(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Raw
             .iter()
             .find(|(n, _)| n == "content-length")
             .and_then(|(_, v)| v.parse::<usize>().ok())
-            .unwrap_or_else(|| panic!("no content-length in {text:?}"))
+            .unwrap_or_else(|| panic!("no content-length in {headers:?}"))
     };
     buf.drain(..end + 4);
     while buf.len() < len {
@@ -341,13 +349,7 @@ async fn closed(conn: &mut tokio::net::TcpStream) -> bool {
 /// counted.
 #[tokio::test]
 async fn downloads_that_open_a_connection_are_whole_and_the_connection_carries_on() {
-    let root = std::env::temp_dir().join(format!("cyb-download-{}", uuid::Uuid::new_v4().simple()));
-    let app = TestApp::spawn_with(
-        Options::default()
-            .env("STORAGE_BACKEND", "local")
-            .env("STORAGE_LOCAL_ROOT", root.to_str().expect("utf-8 path")),
-    )
-    .await;
+    let (app, root) = on_local_disk("cyb-download").await;
     let t = app.tenant("downloads").await;
     // Over one burst of the sender (16 MiB), so a download takes more than one.
     let data = pattern(20 * 1024 * 1024 + 12_345);
@@ -729,14 +731,7 @@ async fn uploads_over_the_limit_are_refused_while_streaming() {
 
 #[tokio::test]
 async fn an_upload_the_client_abandons_leaves_nothing_on_the_local_backend() {
-    let root =
-        std::env::temp_dir().join(format!("cyb-artifacts-{}", uuid::Uuid::new_v4().simple()));
-    let app = TestApp::spawn_with(
-        Options::default()
-            .env("STORAGE_BACKEND", "local")
-            .env("STORAGE_LOCAL_ROOT", root.to_str().expect("utf-8 path")),
-    )
-    .await;
+    let (app, root) = on_local_disk("cyb-artifacts").await;
     let t = app.tenant("abandon").await;
     let tmp = root.join(".tmp");
     assert!(
@@ -942,13 +937,7 @@ async fn stored_artifacts_are_verified_and_their_type_detected_in_the_background
 
 #[tokio::test]
 async fn a_corrupted_object_fails_its_verification_for_good() {
-    let root = std::env::temp_dir().join(format!("cyb-verify-{}", uuid::Uuid::new_v4().simple()));
-    let app = TestApp::spawn_with(
-        Options::default()
-            .env("STORAGE_BACKEND", "local")
-            .env("STORAGE_LOCAL_ROOT", root.to_str().expect("utf-8 path")),
-    )
-    .await;
+    let (app, root) = on_local_disk("cyb-verify").await;
     let t = app.tenant("corrupt").await;
     expect_json(
         put(&app, &t.operator, "data.bin", pattern(4096)).await,
@@ -1038,14 +1027,7 @@ async fn reconcile(
 #[tokio::test]
 async fn reconciliation_deletes_old_unreferenced_objects_and_reports_missing_ones() {
     use cybernetic::storage::{Storage, StorageError, StoragePath, body_from};
-    let root =
-        std::env::temp_dir().join(format!("cyb-reconcile-{}", uuid::Uuid::new_v4().simple()));
-    let app = TestApp::spawn_with(
-        Options::default()
-            .env("STORAGE_BACKEND", "local")
-            .env("STORAGE_LOCAL_ROOT", root.to_str().expect("utf-8 path")),
-    )
-    .await;
+    let (app, root) = on_local_disk("cyb-reconcile").await;
     let a = app.tenant("reconcile-a").await;
     let b = app.tenant("reconcile-b").await;
     for (t, key) in [(&a, "kept.bin"), (&b, "theirs.bin")] {
