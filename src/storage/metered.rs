@@ -141,6 +141,24 @@ impl Storage for Metered {
             result
         })
     }
+
+    fn abort_stale_uploads<'a>(
+        &'a self,
+        prefix: &'a StoragePath,
+        before: chrono::DateTime<chrono::Utc>,
+    ) -> BoxFuture<'a, Result<usize, StorageError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = self.inner.abort_stale_uploads(prefix, before).await;
+            record(
+                self.inner.backend(),
+                "abort_stale_uploads",
+                started,
+                &result,
+            );
+            result
+        })
+    }
 }
 
 pub fn describe_metrics() {

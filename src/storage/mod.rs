@@ -177,6 +177,18 @@ pub trait Storage: Send + Sync + 'static {
         after: Option<&'a str>,
         limit: usize,
     ) -> BoxFuture<'a, Result<ListPage, StorageError>>;
+
+    /// Ends the unfinished uploads below `prefix` begun before `before`, which their own process
+    /// did not get to clean up (it was killed, or its runtime stopped first), and returns how many.
+    /// Only a backend that keeps unfinished uploads apart from its objects has any: S3's multipart
+    /// uploads (the local backend removes its own when it opens; memory keeps nothing).
+    fn abort_stale_uploads<'a>(
+        &'a self,
+        _prefix: &'a StoragePath,
+        _before: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<usize, StorageError>> {
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// The backend the configuration names. A local root is created when missing, and what uploads

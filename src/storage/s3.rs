@@ -641,6 +641,81 @@ impl Storage for S3Storage {
             })
         })
     }
+
+    fn abort_stale_uploads<'a>(
+        &'a self,
+        prefix: &'a StoragePath,
+        before: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<usize, StorageError>> {
+        Box::pin(async move {
+            let mut aborted = 0;
+            let mut marker = None;
+            loop {
+                let (stale, next) = self.stale_uploads(prefix, before, marker).await?;
+                for (key, upload_id) in stale {
+                    let done = self
+                        .client
+                        .abort_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(&key)
+                        .upload_id(&upload_id)
+                        .send()
+                        .await;
+                    match done {
+                        Ok(_) => {
+                            aborted += 1;
+                            tracing::info!(key, "aborted a multipart upload left unfinished");
+                        }
+                        // Finished or aborted since the listing.
+                        Err(e) if status(&e) == Some(404) => {}
+                        Err(e) => return Err(backend(e)),
+                    }
+                }
+                match next {
+                    Some(next) => marker = Some(next),
+                    None => return Ok(aborted),
+                }
+            }
+        })
+    }
+}
+
+impl S3Storage {
+    /// One page of the multipart uploads in progress below `prefix`, from a marker: the uploads
+    /// begun before `before`, and the marker of the next page if any.
+    async fn stale_uploads(
+        &self,
+        prefix: &StoragePath,
+        before: DateTime<Utc>,
+        marker: Option<(String, String)>,
+    ) -> Result<(Vec<(String, String)>, Option<(String, String)>), StorageError> {
+        let (key_marker, upload_marker) = marker.unzip();
+        let page = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(prefix.as_str())
+            .set_key_marker(key_marker)
+            .set_upload_id_marker(upload_marker)
+            .send()
+            .await
+            .map_err(backend)?;
+        let stale = page
+            .uploads()
+            .iter()
+            .filter(|u| u.initiated().is_some_and(|t| time(Some(t)) < before))
+            .filter_map(|u| Some((u.key()?.to_owned(), u.upload_id()?.to_owned())))
+            .collect();
+        let next = match (
+            page.is_truncated(),
+            page.next_key_marker(),
+            page.next_upload_id_marker(),
+        ) {
+            (Some(true), Some(key), Some(upload)) => Some((key.to_owned(), upload.to_owned())),
+            _ => None,
+        };
+        Ok((stale, next))
+    }
 }
 
 /// User metadata without our own key, and the SHA-256 kept under it.

@@ -525,6 +525,88 @@ async fn multipart_uploads_left(storage: &S3Storage, bucket: &str) -> usize {
         .len()
 }
 
+/// Begins a multipart upload at `key` with one part sent, as a process killed mid-upload leaves it.
+async fn unfinished_upload(storage: &S3Storage, bucket: &str, key: &StoragePath) {
+    let created = storage
+        .client()
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key.as_str())
+        .send()
+        .await
+        .expect("create an upload");
+    storage
+        .client()
+        .upload_part()
+        .bucket(bucket)
+        .key(key.as_str())
+        .upload_id(created.upload_id().expect("upload id"))
+        .part_number(1)
+        .body(aws_sdk_s3::primitives::ByteStream::from(pattern(1024)))
+        .send()
+        .await
+        .expect("send a part");
+}
+
+/// Multipart uploads their process never finished nor aborted are aborted once begun before the
+/// given time, below the given prefix only; the local and memory backends have none.
+#[tokio::test]
+async fn stale_multipart_uploads_are_aborted_below_the_prefix_only() {
+    let (storage, bucket) = s3().await;
+    let (a, b) = (tenant(1), tenant(2));
+    unfinished_upload(&storage, &bucket, &path(a, "left/behind.bin")).await;
+    unfinished_upload(&storage, &bucket, &path(b, "other.bin")).await;
+    let prefix = StoragePath::prefix(a, "").expect("prefix");
+    // moto reports every upload as begun on 2010-11-10 (a fixed date in its answer; S3 and MinIO
+    // give the real time), so "begun since" is a time before that here.
+    let long_before = chrono::DateTime::parse_from_rfc3339("2001-01-01T00:00:00Z")
+        .expect("time")
+        .to_utc();
+    assert_eq!(
+        storage
+            .abort_stale_uploads(&prefix, long_before)
+            .await
+            .expect("sweep"),
+        0,
+        "an upload begun since is kept"
+    );
+    assert_eq!(multipart_uploads_left(&storage, &bucket).await, 2);
+    let soon = chrono::Utc::now() + chrono::Duration::minutes(1);
+    assert_eq!(
+        storage
+            .abort_stale_uploads(&prefix, soon)
+            .await
+            .expect("sweep"),
+        1
+    );
+    let left = storage
+        .client()
+        .list_multipart_uploads()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("list uploads");
+    let keys: Vec<&str> = left.uploads().iter().filter_map(|u| u.key()).collect();
+    assert_eq!(
+        keys,
+        vec![path(b, "other.bin").as_str()],
+        "the other tenant's upload stays"
+    );
+
+    for other in [
+        Arc::new(MemoryStorage::new()) as Arc<dyn Storage>,
+        Arc::new(LocalStorage::open(tempdir()).await.expect("open")),
+    ] {
+        assert_eq!(
+            other
+                .abort_stale_uploads(&prefix, soon)
+                .await
+                .expect("sweep"),
+            0
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_s3_backend_behaves() {
     behaves(Arc::new(s3().await.0)).await;
