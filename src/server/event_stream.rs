@@ -161,7 +161,8 @@ pub(super) async fn serve(
 
 pub(super) enum Head {
     Request(Request<Body>),
-    /// The head cannot be served; answer this and close.
+    /// The head is not taken here: the event-stream path answers this and closes; the download
+    /// path hands the connection to hyper.
     Refused(Response<Body>),
 }
 
@@ -216,8 +217,9 @@ fn to_request(parsed: &httparse::Request<'_, '_>) -> Head {
     else {
         return bad();
     };
-    // No body on the routes served outside hyper (GETs): a request that announces one is
-    // refused, as hyper would refuse an ambiguous one, so both paths agree whatever follows.
+    // No body on the routes served outside hyper (GETs): a request that announces one is not
+    // taken here (the event-stream path refuses it, as hyper would refuse an ambiguous one; the
+    // download path hands it to hyper), so the paths agree whatever follows the head.
     let announces_body = parsed.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("transfer-encoding")
             || (h.name.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0")
@@ -226,7 +228,7 @@ fn to_request(parsed: &httparse::Request<'_, '_>) -> Head {
         return Head::Refused(refuse(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "this request has no body",
+            "an event-stream request has no body",
         ));
     }
     let mut builder = Request::builder()
