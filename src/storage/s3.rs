@@ -66,6 +66,42 @@ pub struct S3Storage {
 }
 
 impl S3Storage {
+    /// One page of the multipart uploads in progress below `prefix`, from a marker: the uploads
+    /// begun before `before`, and the marker of the next page if any.
+    async fn stale_uploads(
+        &self,
+        prefix: &StoragePath,
+        before: DateTime<Utc>,
+        marker: Option<(String, String)>,
+    ) -> Result<(Vec<(String, String)>, Option<(String, String)>), StorageError> {
+        let (key_marker, upload_marker) = marker.unzip();
+        let page = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(prefix.as_str())
+            .set_key_marker(key_marker)
+            .set_upload_id_marker(upload_marker)
+            .send()
+            .await
+            .map_err(backend)?;
+        let stale = page
+            .uploads()
+            .iter()
+            .filter(|u| u.initiated().is_some_and(|t| time(Some(t)) < before))
+            .filter_map(|u| Some((u.key()?.to_owned(), u.upload_id()?.to_owned())))
+            .collect();
+        let next = match (
+            page.is_truncated(),
+            page.next_key_marker(),
+            page.next_upload_id_marker(),
+        ) {
+            (Some(true), Some(key), Some(upload)) => Some((key.to_owned(), upload.to_owned())),
+            _ => None,
+        };
+        Ok((stale, next))
+    }
+
     pub async fn new(config: &S3Config) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()));
@@ -182,12 +218,7 @@ impl S3Storage {
             // so it is repeated once they have settled.
             drop(in_flight);
             abort_again_later(&self.client, &self.bucket, key, &upload_id);
-            if let Err(e) = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(&upload_id)
+            if let Err(e) = abort(&self.client, &self.bucket, key, &upload_id)
                 .send()
                 .await
             {
@@ -383,12 +414,7 @@ impl Drop for AbortOnDrop {
             tracing::warn!(key = %self.key, "multipart upload dropped outside a runtime; not aborted");
             return;
         };
-        let abort = self
-            .client
-            .abort_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .upload_id(&upload_id);
+        let abort = abort(&self.client, &self.bucket, &self.key, &upload_id);
         let key = self.key.clone();
         abort_again_later(&self.client, &self.bucket, &key, &upload_id);
         runtime.spawn(async move {
@@ -399,6 +425,20 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The request that aborts a multipart upload, dropping the parts it has.
+fn abort(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+) -> aws_sdk_s3::operation::abort_multipart_upload::builders::AbortMultipartUploadFluentBuilder {
+    client
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+}
+
 /// Aborts a multipart upload once more after [`ABORT_AGAIN`], in the background: S3 may store a
 /// part whose request was cut off by the first abort after it, if it had received it in full,
 /// and its advice is to abort again once such parts have settled. The second answer (usually
@@ -407,11 +447,7 @@ fn abort_again_later(client: &Client, bucket: &str, key: &str, upload_id: &str) 
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let again = client
-        .abort_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .upload_id(upload_id);
+    let again = abort(client, bucket, key, upload_id);
     runtime.spawn(async move {
         tokio::time::sleep(ABORT_AGAIN).await;
         let _already_gone = again.send().await;
@@ -653,12 +689,7 @@ impl Storage for S3Storage {
             loop {
                 let (stale, next) = self.stale_uploads(prefix, before, marker).await?;
                 for (key, upload_id) in stale {
-                    let done = self
-                        .client
-                        .abort_multipart_upload()
-                        .bucket(&self.bucket)
-                        .key(&key)
-                        .upload_id(&upload_id)
+                    let done = abort(&self.client, &self.bucket, &key, &upload_id)
                         .send()
                         .await;
                     match done {
@@ -677,44 +708,6 @@ impl Storage for S3Storage {
                 }
             }
         })
-    }
-}
-
-impl S3Storage {
-    /// One page of the multipart uploads in progress below `prefix`, from a marker: the uploads
-    /// begun before `before`, and the marker of the next page if any.
-    async fn stale_uploads(
-        &self,
-        prefix: &StoragePath,
-        before: DateTime<Utc>,
-        marker: Option<(String, String)>,
-    ) -> Result<(Vec<(String, String)>, Option<(String, String)>), StorageError> {
-        let (key_marker, upload_marker) = marker.unzip();
-        let page = self
-            .client
-            .list_multipart_uploads()
-            .bucket(&self.bucket)
-            .prefix(prefix.as_str())
-            .set_key_marker(key_marker)
-            .set_upload_id_marker(upload_marker)
-            .send()
-            .await
-            .map_err(backend)?;
-        let stale = page
-            .uploads()
-            .iter()
-            .filter(|u| u.initiated().is_some_and(|t| time(Some(t)) < before))
-            .filter_map(|u| Some((u.key()?.to_owned(), u.upload_id()?.to_owned())))
-            .collect();
-        let next = match (
-            page.is_truncated(),
-            page.next_key_marker(),
-            page.next_upload_id_marker(),
-        ) {
-            (Some(true), Some(key), Some(upload)) => Some((key.to_owned(), upload.to_owned())),
-            _ => None,
-        };
-        Ok((stale, next))
     }
 }
 
