@@ -16,9 +16,10 @@
 //! other).
 //! Symbolic links are never followed: a path through one is refused.
 //!
-//! Speed: while a body arrives, the disk is asked to start writing what has been received every
-//! [`WRITEBACK_STEP`] (on Linux, `sync_file_range`), so receiving and writing overlap and the final
-//! fsync waits only for the tail, not for the whole object sitting in the page cache. A get reads
+//! Speed: a put writes the body as it arrives, in buffers of [`STAGE`] bytes, with `O_DIRECT` where
+//! the file system takes it, while another thread hashes it (see [`Writer`]): receiving, hashing
+//! and the disk's time overlap, and the final fsync has nothing left to wait for but the disk's
+//! own cache. A get reads
 //! the file in order, one read at a time (so the kernel's readahead sees a sequential reader;
 //! parallel reads of one file were less than half as fast from a cold cache here), up to
 //! [`READ_AHEAD`] chunks ahead of what is being sent, and asks the kernel to bring the next
@@ -26,10 +27,12 @@
 //! `posix_fadvise(WILLNEED)`), so the disk keeps reading while the socket sends.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::SeekFrom;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -50,14 +53,12 @@ const TRAILER_FIXED: u64 = 16;
 /// Metadata beyond this is not a trailer this backend wrote.
 const MAX_TRAILER_JSON: u64 = 1 << 20;
 const OBJECT_SUFFIX: char = '\\';
-/// Read and write unit: each is one hop to tokio's blocking pool, so larger is faster up to the
-/// pool's own buffer (2 MiB).
+/// A get's read unit and an upload's hashing batch: each is one hop to tokio's blocking pool, so
+/// larger is faster up to the pool's own buffer (2 MiB).
 const CHUNK: usize = 1024 * 1024;
-/// Body chunks written by one call at most (`IOV_MAX`): a client trickling tiny chunks makes
-/// small writes, not a long list of chunks held in memory.
+/// Body chunks hashed by one job at most: a client trickling tiny chunks makes small jobs, not a
+/// long list of chunks held in memory.
 const MAX_BATCH_CHUNKS: usize = 1024;
-/// An upload starts the writeback of what it received each time this much more has arrived.
-const WRITEBACK_STEP: u64 = 16 * 1024 * 1024;
 /// Chunks a get holds ready ahead of the one being sent.
 const READ_AHEAD: usize = 2;
 /// How far ahead of a get's reads the kernel is asked to bring the file in (on Linux,
@@ -315,7 +316,7 @@ impl LocalStorage {
             .uploads
             .dir
             .join(format!("{}.upload", uuid::Uuid::new_v4().simple()));
-        let file = File::create(&temp).await.map_err(|e| {
+        let (file, direct) = create_upload(&temp).await.map_err(|e| {
             // Not the object's absence: the store's own upload directory was removed under it.
             StorageError::Backend(format!(
                 "cannot create an upload file in {}: {e}",
@@ -325,16 +326,11 @@ impl LocalStorage {
         // Removes the temp file if this future is dropped mid-upload (the client went away).
         let mut guard = RemoveOnDrop(Some(temp.clone()));
         let written = async {
-            let mut writer = Writer::new(Arc::new(file.into_std().await));
-            let mut batch = Batch::default();
+            let mut writer = Writer::new(file, direct)?;
             while let Some(chunk) = body.next().await {
-                batch.push(chunk?);
-                if batch.len >= CHUNK || batch.chunks.len() >= MAX_BATCH_CHUNKS {
-                    writer.write(std::mem::take(&mut batch)).await?;
-                }
+                writer.push(chunk?).await?;
             }
-            writer.write(batch).await?;
-            let (file, hash, size) = writer.finish().await?;
+            let (hash, size) = writer.digest().await?;
             let meta = ObjectMeta {
                 path: path.as_str().to_owned(),
                 size,
@@ -349,14 +345,7 @@ impl LocalStorage {
             let mut trailer = json;
             trailer.extend_from_slice(&(trailer.len() as u64).to_le_bytes());
             trailer.extend_from_slice(MAGIC);
-            tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let mut out: &std::fs::File = &file;
-                out.write_all(&trailer)?;
-                file.sync_all()
-            })
-            .await
-            .map_err(|e| StorageError::Backend(format!("writing an object: {e}")))??;
+            writer.seal(&trailer).await?;
             Ok::<_, StorageError>(meta)
         }
         .await;
@@ -755,114 +744,355 @@ async fn nofollow_open(path: &Path) -> std::io::Result<std::fs::File> {
     .map_err(std::io::Error::other)?
 }
 
-/// Chunks of an upload's body gathered for one write.
+/// Chunks of an upload's body gathered for one hashing job.
 #[derive(Default)]
 struct Batch {
     chunks: Vec<Bytes>,
     len: usize,
 }
 
-impl Batch {
-    fn push(&mut self, chunk: Bytes) {
-        self.len += chunk.len();
-        self.chunks.push(chunk);
-    }
-}
-
-/// Hashes and writes an upload's body batch by batch on the blocking pool, one batch at a time,
-/// while the next batch arrives: the bytes go from the body's buffers straight into the file, with
-/// no copy in between, and the hashing leaves the runtime's threads. Every [`WRITEBACK_STEP`] it
-/// starts the writeback of what it wrote.
+/// Streams an upload's body into its temp file, hashing it on the way.
+///
+/// The bytes are copied into an aligned [`Staging`] buffer as they arrive, and each full buffer is
+/// written at its offset by a job on the blocking pool, up to [`MAX_WRITES`] at once, while the
+/// body's chunks are hashed in batches by another job, one batch at a time: receiving, hashing and
+/// the disk's time overlap instead of adding up.
+///
+/// A file opened with `O_DIRECT` is written by the disk's own DMA from those buffers, nothing going
+/// through the page cache: that saves the copy into the cache and the kernel's writeback, and a
+/// large upload does not evict what the cache holds for readers. The last, partial block goes out
+/// padded, and the file is cut back to its length. A file system that refuses a direct write
+/// (`EINVAL`: a block size above [`DIRECT_ALIGN`], say) gets that write and every later one through
+/// the page cache; so does a file that could not be opened with `O_DIRECT`, and then the writeback
+/// of each buffer written is started at once, so the final fsync waits only for the tail.
 struct Writer {
     file: Arc<std::fs::File>,
-    /// The batch being written; it hands back the hash and the size so far.
-    running: Option<tokio::task::JoinHandle<std::io::Result<(Sha256, u64)>>>,
+    /// Whether writes are direct: cleared for good by the first one refused.
+    direct: Arc<AtomicBool>,
+    batch: Batch,
+    /// The batch being hashed; it hands back the hash.
+    hashing: Option<tokio::task::JoinHandle<Sha256>>,
     hash: Option<Sha256>,
+    /// Bytes taken, trailer included.
     size: u64,
-    /// What the writeback was started for so far.
-    handed: u64,
+    /// The buffer being filled.
+    current: Staging,
+    /// Writes in flight, oldest first; each hands back its buffer.
+    writes: VecDeque<tokio::task::JoinHandle<std::io::Result<Staging>>>,
+    free: Vec<Staging>,
+    /// Buffers made so far, at most `MAX_WRITES + 1`.
+    made: usize,
+    /// Where the next full buffer goes in the file.
+    queued: u64,
+    /// A background `fdatasync` running, and how far the writes had been queued when it began.
+    flushing: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    flushed: u64,
 }
 
+/// Staging buffers written at once per upload, at most.
+const MAX_WRITES: usize = 4;
+/// An upload asks the disk to make what it has been written durable each time this much more has
+/// been written, without waiting for it: a disk with a write cache (a VM's virtual disk above all)
+/// then empties it while the upload goes on, and the final fsync finds little left to flush.
+const FLUSH_STEP: u64 = 8 * 1024 * 1024;
+/// A staging buffer's size: the unit of an upload's writes.
+const STAGE: usize = 4 * 1024 * 1024;
+/// What `O_DIRECT` asks a write's memory, offset and length to be multiples of: the logical block
+/// size, at most 4096 on the disks this runs on (512-byte ones take 4096 too).
+const DIRECT_ALIGN: usize = 4096;
+
 impl Writer {
-    fn new(file: Arc<std::fs::File>) -> Self {
-        Self {
-            file,
-            running: None,
+    fn new(file: std::fs::File, direct: bool) -> Result<Self, StorageError> {
+        let current = Staging::new()?;
+        Ok(Self {
+            file: Arc::new(file),
+            direct: Arc::new(AtomicBool::new(direct)),
+            batch: Batch::default(),
+            hashing: None,
             hash: Some(Sha256::new()),
             size: 0,
-            handed: 0,
-        }
+            current,
+            writes: VecDeque::new(),
+            free: Vec::new(),
+            made: 1,
+            queued: 0,
+            flushing: None,
+            flushed: 0,
+        })
     }
 
-    /// Waits for the batch being written.
-    async fn settle(&mut self) -> Result<(), StorageError> {
-        if let Some(running) = self.running.take() {
-            let (hash, size) = running
-                .await
-                .map_err(|e| StorageError::Backend(format!("writing an object: {e}")))??;
-            self.hash = Some(hash);
-            self.size = size;
+    /// Takes the next chunk of the body.
+    async fn push(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.stage(&chunk).await?;
+        self.batch.len += chunk.len();
+        self.batch.chunks.push(chunk);
+        if self.batch.len >= CHUNK || self.batch.chunks.len() >= MAX_BATCH_CHUNKS {
+            self.hash_batch().await?;
         }
         Ok(())
     }
 
-    /// Starts writing `batch` once the one before is written.
-    async fn write(&mut self, batch: Batch) -> Result<(), StorageError> {
+    /// Copies `bytes` into the staging buffers, writing each one that fills.
+    async fn stage(&mut self, mut bytes: &[u8]) -> Result<(), StorageError> {
+        self.size += bytes.len() as u64;
+        while !bytes.is_empty() {
+            let took = self.current.fill(bytes);
+            bytes = &bytes[took..];
+            if self.current.len() == STAGE {
+                let next = self.spare().await?;
+                let full = std::mem::replace(&mut self.current, next);
+                self.send(full).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An empty buffer: a free one, a new one while fewer than `MAX_WRITES + 1` exist, or the
+    /// oldest write's once it is done.
+    async fn spare(&mut self) -> Result<Staging, StorageError> {
+        if let Some(free) = self.free.pop() {
+            return Ok(free);
+        }
+        if self.made <= MAX_WRITES {
+            self.made += 1;
+            return Staging::new();
+        }
+        self.settle_oldest().await?;
+        self.free.pop().ok_or_else(lost_state)
+    }
+
+    /// Starts writing `stage` at the next offset, once fewer than [`MAX_WRITES`] are in flight.
+    async fn send(&mut self, stage: Staging) -> Result<(), StorageError> {
+        if self.writes.len() >= MAX_WRITES {
+            self.settle_oldest().await?;
+        }
+        let (file, direct, at) = (self.file.clone(), self.direct.clone(), self.queued);
+        self.queued += stage.len() as u64;
+        self.writes.push_back(tokio::task::spawn_blocking(move || {
+            write_stage(&file, &direct, stage, at)
+        }));
+        if self.queued - self.flushed >= FLUSH_STEP
+            && self.flushing.as_ref().is_none_or(|f| f.is_finished())
+        {
+            self.settle_flush().await?;
+            let file = self.file.clone();
+            self.flushed = self.queued;
+            self.flushing = Some(tokio::task::spawn_blocking(move || file.sync_data()));
+        }
+        Ok(())
+    }
+
+    /// Waits for the background `fdatasync`, if one runs.
+    async fn settle_flush(&mut self) -> Result<(), StorageError> {
+        if let Some(flushing) = self.flushing.take() {
+            flushing.await.map_err(stopped)??;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest write in flight and keeps its buffer.
+    async fn settle_oldest(&mut self) -> Result<(), StorageError> {
+        if let Some(write) = self.writes.pop_front() {
+            let stage = write.await.map_err(stopped)??;
+            self.free.push(stage);
+        }
+        Ok(())
+    }
+
+    /// Starts hashing the gathered batch once the one before is hashed.
+    async fn hash_batch(&mut self) -> Result<(), StorageError> {
+        let batch = std::mem::take(&mut self.batch);
         if batch.len == 0 {
             return Ok(());
         }
-        self.settle().await?;
-        let mut hash = self.hash.take().ok_or_else(lost_hash)?;
-        let (file, mut size) = (self.file.clone(), self.size);
-        let from = self.handed;
-        let start_writeback_now = size + batch.len as u64 - from >= WRITEBACK_STEP;
-        if start_writeback_now {
-            self.handed = size + batch.len as u64;
+        if let Some(hashing) = self.hashing.take() {
+            self.hash = Some(hashing.await.map_err(stopped)?);
         }
-        self.running = Some(tokio::task::spawn_blocking(move || {
+        let mut hash = self.hash.take().ok_or_else(lost_state)?;
+        self.hashing = Some(tokio::task::spawn_blocking(move || {
             for chunk in &batch.chunks {
                 hash.update(chunk);
             }
-            write_chunks(&file, &batch.chunks)?;
-            size += batch.len as u64;
-            if start_writeback_now {
-                start_writeback(&file, from, size - from);
-            }
-            Ok((hash, size))
+            hash
         }));
         Ok(())
     }
 
-    /// Waits for the last batch: the file, the hash of everything written and its size.
-    async fn finish(mut self) -> Result<(Arc<std::fs::File>, Sha256, u64), StorageError> {
-        self.settle().await?;
-        let hash = self.hash.ok_or_else(lost_hash)?;
-        Ok((self.file, hash, self.size))
+    /// The hash of the whole body, and its size.
+    async fn digest(&mut self) -> Result<(Sha256, u64), StorageError> {
+        self.hash_batch().await?;
+        if let Some(hashing) = self.hashing.take() {
+            self.hash = Some(hashing.await.map_err(stopped)?);
+        }
+        Ok((self.hash.take().ok_or_else(lost_state)?, self.size))
+    }
+
+    /// Appends `trailer` (not hashed), waits for every write, cuts the file to its length (a
+    /// direct write's padding goes) and makes it durable.
+    async fn seal(mut self, trailer: &[u8]) -> Result<(), StorageError> {
+        self.stage(trailer).await?;
+        let last = std::mem::replace(&mut self.current, Staging::empty());
+        if last.len() > 0 {
+            self.send(last).await?;
+        }
+        while !self.writes.is_empty() {
+            self.settle_oldest().await?;
+        }
+        self.settle_flush().await?;
+        let (file, size) = (self.file, self.size);
+        tokio::task::spawn_blocking(move || {
+            file.set_len(size)?;
+            file.sync_all()
+        })
+        .await
+        .map_err(stopped)??;
+        Ok(())
     }
 }
 
-/// The hash is with the writer except while a batch runs, and [`Writer::settle`] takes it back
-/// before anything else uses it; if that were ever broken, the upload fails rather than store a
-/// wrong checksum.
-fn lost_hash() -> StorageError {
-    StorageError::Backend("the upload's hash was lost".into())
+fn stopped(e: tokio::task::JoinError) -> StorageError {
+    StorageError::Backend(format!("writing an object: {e}"))
 }
 
-/// Writes every chunk, in order, with as few calls as the kernel allows.
-fn write_chunks(file: &std::fs::File, chunks: &[Bytes]) -> std::io::Result<()> {
-    use std::io::{IoSlice, Write};
-    let mut out = file;
-    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        let take = rest.len().min(MAX_BATCH_CHUNKS);
-        match out.write_vectored(&rest[..take]) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+/// The hash and the buffers are with the writer except while a job runs, and the writer takes
+/// them back before it uses them again; if that were ever broken, the upload fails rather than
+/// store a wrong checksum or a file with a hole.
+fn lost_state() -> StorageError {
+    StorageError::Backend("the upload's writer lost its state".into())
+}
+
+/// Writes `stage` at `at`: directly while `direct` holds (padded to [`DIRECT_ALIGN`]: only the
+/// last buffer of an upload is partial, and the file is cut back after it), else through the page
+/// cache, starting its writeback.
+fn write_stage(
+    file: &std::fs::File,
+    direct: &AtomicBool,
+    mut stage: Staging,
+    at: u64,
+) -> std::io::Result<Staging> {
+    use std::os::unix::fs::FileExt;
+    let len = stage.len();
+    if direct.load(Ordering::Relaxed) {
+        match file.write_all_at(stage.padded(), at) {
+            Ok(()) => {
+                stage.clear();
+                return Ok(stage);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!(error = %e, "a direct write was refused; writing through the page cache");
+                through_page_cache(file)?;
+                direct.store(false, Ordering::Relaxed);
+            }
             Err(e) => return Err(e),
         }
     }
+    file.write_all_at(&stage.bytes()[..len], at)?;
+    start_writeback(file, at, len as u64);
+    stage.clear();
+    Ok(stage)
+}
+
+/// Up to [`STAGE`] bytes at an address aligned to [`DIRECT_ALIGN`]. The memory is reserved up front
+/// and filled as bytes arrive (never zeroed beforehand, never moved).
+struct Staging {
+    mem: Vec<u8>,
+    /// Where the aligned bytes start in `mem`.
+    start: usize,
+}
+
+impl Staging {
+    fn new() -> Result<Self, StorageError> {
+        let mut mem: Vec<u8> = Vec::with_capacity(STAGE + DIRECT_ALIGN);
+        let start = mem.as_ptr().align_offset(DIRECT_ALIGN);
+        if start >= DIRECT_ALIGN {
+            // align_offset may decline; it does not for a heap pointer to bytes.
+            return Err(StorageError::Backend(
+                "cannot align an upload buffer".into(),
+            ));
+        }
+        mem.resize(start, 0);
+        Ok(Self { mem, start })
+    }
+
+    /// A stand-in that holds nothing, for a writer done with its buffers.
+    fn empty() -> Self {
+        Self {
+            mem: Vec::new(),
+            start: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.mem.len() - self.start
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.mem[self.start..]
+    }
+
+    /// Copies as much of `bytes` as fits (the capacity is never exceeded, so `mem` never moves);
+    /// how much it took.
+    fn fill(&mut self, bytes: &[u8]) -> usize {
+        let took = bytes.len().min(STAGE - self.len());
+        self.mem.extend_from_slice(&bytes[..took]);
+        took
+    }
+
+    /// The bytes, zero-padded to a multiple of [`DIRECT_ALIGN`] (at most `STAGE`: no move).
+    fn padded(&mut self) -> &[u8] {
+        let padded = self.len().next_multiple_of(DIRECT_ALIGN);
+        self.mem.resize(self.start + padded, 0);
+        self.bytes()
+    }
+
+    fn clear(&mut self) {
+        self.mem.truncate(self.start);
+    }
+}
+
+/// Creates an upload's temp file, on Linux with `O_DIRECT` where the file system takes it (the
+/// flag says which).
+async fn create_upload(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match options.clone().custom_flags(libc::O_DIRECT).open(&path) {
+                Ok(file) => return Ok((file, true)),
+                // A file system without direct I/O: through the page cache.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        options.open(&path).map(|file| (file, false))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Clears `O_DIRECT` on `file`: its writes go through the page cache from here on.
+#[cfg(target_os = "linux")]
+fn through_page_cache(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: the descriptor belongs to `file`, borrowed (so open) for both calls; F_GETFL and
+    // F_SETFL read and set the descriptor's status flags and touch no memory of ours.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn through_page_cache(_file: &std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -1031,17 +1261,43 @@ impl Storage for LocalStorage {
 mod tests {
     use super::*;
 
-    #[test]
-    fn chunks_are_written_whole_and_in_order() {
-        let path = std::env::temp_dir().join(format!("cyb-chunks-{}", uuid::Uuid::new_v4()));
-        let file = std::fs::File::create(&path).expect("create");
-        // More chunks than one call takes, of uneven sizes (empty ones too).
-        let chunks: Vec<Bytes> = (0..3000usize)
-            .map(|i| Bytes::from(vec![(i % 251) as u8; (i * 37) % 700]))
+    /// Uneven chunks (empty ones too) over several staging buffers, then a trailer that leaves
+    /// the last block partial: the file holds exactly the bytes and the hash is theirs, with
+    /// direct writes and through the page cache.
+    #[tokio::test]
+    async fn an_upload_is_written_exactly() {
+        let chunks: Vec<Bytes> = (0..4000usize)
+            .map(|i| Bytes::from(vec![(i % 253) as u8; (i * 7919) % 20_000]))
             .collect();
-        write_chunks(&file, &chunks).expect("write");
-        let expected: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        assert_eq!(std::fs::read(&path).expect("read back"), expected);
-        let _ = std::fs::remove_file(&path);
+        let body: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        let trailer = b"a trailer that ends mid-block";
+        let mut expected = body.clone();
+        expected.extend_from_slice(trailer);
+        assert!(
+            expected.len() > (MAX_WRITES + 2) * STAGE
+                && !expected.len().is_multiple_of(DIRECT_ALIGN)
+        );
+        for ask_direct in [true, false] {
+            let path = std::env::temp_dir().join(format!("cyb-upload-{}", uuid::Uuid::new_v4()));
+            let (file, direct) = if ask_direct {
+                create_upload(&path).await.expect("create")
+            } else {
+                (std::fs::File::create(&path).expect("create"), false)
+            };
+            assert_eq!(direct, ask_direct, "this file system takes O_DIRECT");
+            let mut writer = Writer::new(file, direct).expect("writer");
+            for chunk in &chunks {
+                writer.push(chunk.clone()).await.expect("push");
+            }
+            let (hash, size) = writer.digest().await.expect("digest");
+            assert_eq!(size, body.len() as u64);
+            assert!(hash.finalize()[..] == Sha256::digest(&body)[..]);
+            assert!(writer.made <= MAX_WRITES + 1);
+            writer.seal(trailer).await.expect("seal");
+            let back = std::fs::read(&path).expect("read back");
+            assert_eq!(back.len(), expected.len(), "direct: {direct}");
+            assert!(back == expected, "direct: {direct}");
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
