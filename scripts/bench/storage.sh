@@ -9,8 +9,9 @@
 # with the writeback of an earlier file. The disk's speed here moves by a factor of two within
 # minutes, so on the local backend each size runs ROUNDS times, each round dd and then the object
 # right after it, and the table gives the medians: of each speed, and of each round's ratio. Reads are measured twice: cold, after dropping the page
-# cache (the disk's read speed; needs root, else those columns show -), and warm, just after the
-# write (an object read soon after it was stored).
+# cache (the disk's read speed; needs root, else those columns show -), and warm, from the page
+# cache: the second read after the PUT (the local backend writes uploads with O_DIRECT, so the
+# first read of a new object comes from the disk, as a cold one does).
 #
 #   scripts/bench/storage.sh [--write]     --write records the section in docs/benchmarks.md
 #
@@ -123,6 +124,7 @@ PY
       curl -fsS -o /dev/null -w '%{time_total}' -H "Authorization: Bearer $key" \
         "http://127.0.0.1:$port/v1/artifacts/bench/$mib.bin"
     }
+    get_once >/dev/null
     warm=$(get_once)
     get=-
     if [[ $backend == local ]] && ((cold)) && drop_cache; then
@@ -184,7 +186,7 @@ if ((write)); then
     echo "- machine: $(nproc) CPUs, $(LC_ALL=C lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1), $(awk '/^MemTotal:/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo); filesystem $(df -T "$work" | awk 'NR==2 {print $2}')"
     echo "- disk in the same run, before each round of each size: write with \`dd bs=1M conv=fsync\` of that many MiB, after a \`sync\`; read with \`dd bs=1M\` of that file twice: just after the write (from the page cache) and after dropping the page cache (from the disk)"
     echo "- local backend: $rounds rounds per size; speeds are the medians over the rounds, each % the median of the rounds' own ratios (PUT to the dd write just before it, and so on); RSS growth the largest of the rounds. s3: one round"
-    echo "- PUT: after a \`sync\`, so the source file (in the page cache) is not being written back meanwhile; GET (warm) just after the PUT, GET (cold) after dropping the page cache (local backend only: moto keeps objects in its memory)"
+    echo "- PUT: after a \`sync\`, so the source file (in the page cache) is not being written back meanwhile; GET (warm) the second GET after the PUT (from the page cache), GET (cold) after dropping the page cache (local backend only: moto keeps objects in its memory)"
     echo "- each object: one \`curl -T\` PUT (streamed, Content-Length set) then one GET to /dev/null, through \`cybernetic serve\` (release build) on 127.0.0.1; s3 is moto_server on the same machine (it keeps objects in its own memory)"
     echo
     echo "$table"
