@@ -80,6 +80,28 @@ pub struct LocalStorage {
     /// directories above as well: otherwise it could answer before the entry that leads to its
     /// object is durable.
     unsynced: Arc<Mutex<Marks>>,
+    /// What this store's uploads share (see [`Writer`]).
+    writes: Arc<Writes>,
+}
+
+/// What a store's uploads share: the budget for their write buffers, and whether the file system
+/// takes direct writes.
+#[derive(Debug)]
+struct Writes {
+    /// One permit per write buffer allocated by an upload of this store ([`STORE_BUFFERS`]).
+    buffers: Arc<tokio::sync::Semaphore>,
+    /// Cleared for good by the first direct write the file system refuses: later uploads are not
+    /// opened with `O_DIRECT`.
+    direct: AtomicBool,
+}
+
+impl Default for Writes {
+    fn default() -> Self {
+        Self {
+            buffers: Arc::new(tokio::sync::Semaphore::new(STORE_BUFFERS)),
+            direct: AtomicBool::new(true),
+        }
+    }
 }
 
 /// Directories marked as maybe not durable, each with the number of its marking, so a put clears
@@ -216,6 +238,7 @@ impl LocalStorage {
             objects,
             uploads: Arc::new(uploads),
             unsynced: Arc::default(),
+            writes: Arc::default(),
         })
     }
 
@@ -316,7 +339,8 @@ impl LocalStorage {
             .uploads
             .dir
             .join(format!("{}.upload", uuid::Uuid::new_v4().simple()));
-        let (file, direct) = create_upload(&temp).await.map_err(|e| {
+        let direct = self.writes.direct.load(Ordering::Relaxed);
+        let (file, direct) = create_upload(&temp, direct).await.map_err(|e| {
             // Not the object's absence: the store's own upload directory was removed under it.
             StorageError::Backend(format!(
                 "cannot create an upload file in {}: {e}",
@@ -326,7 +350,7 @@ impl LocalStorage {
         // Removes the temp file if this future is dropped mid-upload (the client went away).
         let mut guard = RemoveOnDrop(Some(temp.clone()));
         let written = async {
-            let mut writer = Writer::new(file, direct)?;
+            let mut writer = Writer::new(file, direct, self.writes.clone())?;
             while let Some(chunk) = body.next().await {
                 writer.push(chunk?).await?;
             }
@@ -756,19 +780,24 @@ struct Batch {
 /// The bytes are copied into an aligned [`Staging`] buffer as they arrive, and each full buffer is
 /// written at its offset by a job on the blocking pool, up to [`MAX_WRITES`] at once, while the
 /// body's chunks are hashed in batches by another job, one batch at a time: receiving, hashing and
-/// the disk's time overlap instead of adding up.
+/// the disk's time overlap instead of adding up. Every buffer after an upload's first takes a
+/// permit from the store's budget ([`STORE_BUFFERS`]), never waiting for one: with the budget
+/// spent, an upload reuses the buffer of its oldest write, one write at a time. So many uploads at
+/// once bound the server's memory and blocking threads, and none is kept from starting.
 ///
 /// A file opened with `O_DIRECT` is written by the disk's own DMA from those buffers, nothing going
 /// through the page cache: that saves the copy into the cache and the kernel's writeback, and a
-/// large upload does not evict what the cache holds for readers. The last, partial block goes out
-/// padded, and the file is cut back to its length. A file system that refuses a direct write
-/// (`EINVAL`: a block size above [`DIRECT_ALIGN`], say) gets that write and every later one through
-/// the page cache; so does a file that could not be opened with `O_DIRECT`, and then the writeback
-/// of each buffer written is started at once, so the final fsync waits only for the tail.
+/// large upload does not evict what the cache holds for readers. The last part of the upload that
+/// fills no whole block ([`DIRECT_ALIGN`]) is written through the page cache. A file system that
+/// refuses a direct write (`EINVAL`: a logical block size above [`DIRECT_ALIGN`], say) gets that
+/// write and every later one through the page cache, and the store opens no more uploads with
+/// `O_DIRECT`; writes through the page cache start their writeback at once, so the final fsync
+/// waits only for the tail.
 struct Writer {
     file: Arc<std::fs::File>,
     /// Whether writes are direct: cleared for good by the first one refused.
     direct: Arc<AtomicBool>,
+    store: Arc<Writes>,
     batch: Batch,
     /// The batch being hashed; it hands back the hash.
     hashing: Option<tokio::task::JoinHandle<Sha256>>,
@@ -782,6 +811,9 @@ struct Writer {
     free: Vec<Staging>,
     /// Buffers made so far, at most `MAX_WRITES + 1`.
     made: usize,
+    /// The most writes that were in flight at once (for the tests).
+    #[cfg(test)]
+    peak_writes: usize,
     /// Where the next full buffer goes in the file.
     queued: u64,
     /// A background `fdatasync` running, and how far the writes had been queued when it began.
@@ -791,6 +823,9 @@ struct Writer {
 
 /// Staging buffers written at once per upload, at most.
 const MAX_WRITES: usize = 4;
+/// Staging buffers beyond each upload's first that a store's uploads hold at once, at most
+/// (256 MiB).
+const STORE_BUFFERS: usize = 64;
 /// An upload asks the disk to make what it has been written durable each time this much more has
 /// been written, without waiting for it: a disk with a write cache (a VM's virtual disk above all)
 /// then empties it while the upload goes on, and the final fsync finds little left to flush.
@@ -802,11 +837,15 @@ const STAGE: usize = 4 * 1024 * 1024;
 const DIRECT_ALIGN: usize = 4096;
 
 impl Writer {
-    fn new(file: std::fs::File, direct: bool) -> Result<Self, StorageError> {
-        let current = Staging::new()?;
+    fn new(file: std::fs::File, direct: bool, store: Arc<Writes>) -> Result<Self, StorageError> {
+        if !direct {
+            store.direct.store(false, Ordering::Relaxed);
+        }
+        let current = Staging::new(None)?;
         Ok(Self {
             file: Arc::new(file),
             direct: Arc::new(AtomicBool::new(direct)),
+            store,
             batch: Batch::default(),
             hashing: None,
             hash: Some(Sha256::new()),
@@ -815,6 +854,8 @@ impl Writer {
             writes: VecDeque::new(),
             free: Vec::new(),
             made: 1,
+            #[cfg(test)]
+            peak_writes: 0,
             queued: 0,
             flushing: None,
             flushed: 0,
@@ -842,23 +883,26 @@ impl Writer {
             let took = self.current.fill(bytes);
             bytes = &bytes[took..];
             if self.current.len() == STAGE {
-                let next = self.spare().await?;
-                let full = std::mem::replace(&mut self.current, next);
+                let full = std::mem::replace(&mut self.current, Staging::empty());
                 self.send(full).await?;
+                self.current = self.spare().await?;
             }
         }
         Ok(())
     }
 
-    /// An empty buffer: a free one, a new one while fewer than `MAX_WRITES + 1` exist, or the
-    /// oldest write's once it is done.
+    /// An empty buffer, called just after a full one was sent: a free one, a new one while fewer
+    /// than `MAX_WRITES + 1` exist and the store's budget has a permit, or else the oldest
+    /// write's once it is done (one is in flight).
     async fn spare(&mut self) -> Result<Staging, StorageError> {
         if let Some(free) = self.free.pop() {
             return Ok(free);
         }
-        if self.made <= MAX_WRITES {
+        if self.made <= MAX_WRITES
+            && let Ok(permit) = self.store.buffers.clone().try_acquire_owned()
+        {
             self.made += 1;
-            return Staging::new();
+            return Staging::new(Some(permit));
         }
         self.settle_oldest().await?;
         self.free.pop().ok_or_else(lost_state)
@@ -870,10 +914,19 @@ impl Writer {
             self.settle_oldest().await?;
         }
         let (file, direct, at) = (self.file.clone(), self.direct.clone(), self.queued);
+        let store = self.store.clone();
         self.queued += stage.len() as u64;
         self.writes.push_back(tokio::task::spawn_blocking(move || {
-            write_stage(&file, &direct, stage, at)
+            let written = write_stage(&file, &direct, stage, at);
+            if !direct.load(Ordering::Relaxed) {
+                store.direct.store(false, Ordering::Relaxed);
+            }
+            written
         }));
+        #[cfg(test)]
+        {
+            self.peak_writes = self.peak_writes.max(self.writes.len());
+        }
         if self.queued - self.flushed >= FLUSH_STEP
             && self.flushing.as_ref().is_none_or(|f| f.is_finished())
         {
@@ -930,25 +983,25 @@ impl Writer {
         Ok((self.hash.take().ok_or_else(lost_state)?, self.size))
     }
 
-    /// Appends `trailer` (not hashed), waits for every write, cuts the file to its length (a
-    /// direct write's padding goes) and makes it durable.
+    /// Appends `trailer` (not hashed), writes what is left, waits for every write and makes the
+    /// file durable.
     async fn seal(mut self, trailer: &[u8]) -> Result<(), StorageError> {
         self.stage(trailer).await?;
-        let last = std::mem::replace(&mut self.current, Staging::empty());
-        if last.len() > 0 {
-            self.send(last).await?;
-        }
         while !self.writes.is_empty() {
             self.settle_oldest().await?;
         }
+        // The last buffer, after every other write: its part short of a whole block goes through
+        // the page cache, which takes O_DIRECT off the file.
+        let (file, direct, at) = (self.file.clone(), self.direct.clone(), self.queued);
+        let last = std::mem::replace(&mut self.current, Staging::empty());
+        tokio::task::spawn_blocking(move || write_last(&file, &direct, last, at))
+            .await
+            .map_err(stopped)??;
         self.settle_flush().await?;
-        let (file, size) = (self.file, self.size);
-        tokio::task::spawn_blocking(move || {
-            file.set_len(size)?;
-            file.sync_all()
-        })
-        .await
-        .map_err(stopped)??;
+        let file = self.file;
+        tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .map_err(stopped)??;
         Ok(())
     }
 }
@@ -964,9 +1017,8 @@ fn lost_state() -> StorageError {
     StorageError::Backend("the upload's writer lost its state".into())
 }
 
-/// Writes `stage` at `at`: directly while `direct` holds (padded to [`DIRECT_ALIGN`]: only the
-/// last buffer of an upload is partial, and the file is cut back after it), else through the page
-/// cache, starting its writeback.
+/// Writes a full buffer at `at`: directly while `direct` holds, else (or when the file system
+/// refuses, which clears `direct`) through the page cache, starting its writeback.
 fn write_stage(
     file: &std::fs::File,
     direct: &AtomicBool,
@@ -974,25 +1026,60 @@ fn write_stage(
     at: u64,
 ) -> std::io::Result<Staging> {
     use std::os::unix::fs::FileExt;
-    let len = stage.len();
-    if direct.load(Ordering::Relaxed) {
-        match file.write_all_at(stage.padded(), at) {
-            Ok(()) => {
-                stage.clear();
-                return Ok(stage);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::debug!(error = %e, "a direct write was refused; writing through the page cache");
-                through_page_cache(file)?;
-                direct.store(false, Ordering::Relaxed);
-            }
-            Err(e) => return Err(e),
-        }
+    if !(direct.load(Ordering::Relaxed) && write_direct(file, direct, stage.bytes(), at)?) {
+        file.write_all_at(stage.bytes(), at)?;
+        start_writeback(file, at, stage.len() as u64);
     }
-    file.write_all_at(&stage.bytes()[..len], at)?;
-    start_writeback(file, at, len as u64);
     stage.clear();
     Ok(stage)
+}
+
+/// Writes `bytes` at `at` with `O_DIRECT` on; `false` if the file system refused it (`EINVAL`),
+/// which turns `O_DIRECT` off for the file and clears `direct`. A partial direct write followed by
+/// a refusal is written again whole by the caller.
+fn write_direct(
+    file: &std::fs::File,
+    direct: &AtomicBool,
+    bytes: &[u8],
+    at: u64,
+) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    match file.write_all_at(bytes, at) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::debug!(error = %e, "a direct write was refused; writing through the page cache");
+            through_page_cache(file)?;
+            direct.store(false, Ordering::Relaxed);
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the upload's last, partial buffer at `at`: its whole blocks directly while `direct`
+/// holds, and the rest through the page cache (a direct write must be whole blocks; padding it
+/// and cutting the file back would make the file system read that block back from the disk).
+fn write_last(
+    file: &std::fs::File,
+    direct: &AtomicBool,
+    stage: Staging,
+    at: u64,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let bytes = stage.bytes();
+    let mut whole = bytes.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    if whole > 0
+        && !(direct.load(Ordering::Relaxed) && write_direct(file, direct, &bytes[..whole], at)?)
+    {
+        whole = 0;
+    }
+    if whole < bytes.len() {
+        if direct.load(Ordering::Relaxed) {
+            through_page_cache(file)?;
+        }
+        file.write_all_at(&bytes[whole..], at + whole as u64)?;
+    }
+    Ok(())
 }
 
 /// Up to [`STAGE`] bytes at an address aligned to [`DIRECT_ALIGN`]. The memory is reserved up front
@@ -1001,10 +1088,13 @@ struct Staging {
     mem: Vec<u8>,
     /// Where the aligned bytes start in `mem`.
     start: usize,
+    /// The buffer's place in the store's budget, given back when it is dropped (an upload's
+    /// first buffer has none: it is never kept waiting for one).
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Staging {
-    fn new() -> Result<Self, StorageError> {
+    fn new(permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Result<Self, StorageError> {
         let mut mem: Vec<u8> = Vec::with_capacity(STAGE + DIRECT_ALIGN);
         let start = mem.as_ptr().align_offset(DIRECT_ALIGN);
         if start >= DIRECT_ALIGN {
@@ -1014,7 +1104,20 @@ impl Staging {
             ));
         }
         mem.resize(start, 0);
-        Ok(Self { mem, start })
+        Ok(Self {
+            mem,
+            start,
+            _permit: permit,
+        })
+    }
+
+    /// A buffer one byte past the alignment, which a direct write refuses.
+    #[cfg(test)]
+    fn misaligned() -> Self {
+        let mut stage = Self::new(None).expect("a buffer");
+        stage.start += 1;
+        stage.mem.resize(stage.start, 0);
+        stage
     }
 
     /// A stand-in that holds nothing, for a writer done with its buffers.
@@ -1022,6 +1125,7 @@ impl Staging {
         Self {
             mem: Vec::new(),
             start: 0,
+            _permit: None,
         }
     }
 
@@ -1041,13 +1145,6 @@ impl Staging {
         took
     }
 
-    /// The bytes, zero-padded to a multiple of [`DIRECT_ALIGN`] (at most `STAGE`: no move).
-    fn padded(&mut self) -> &[u8] {
-        let padded = self.len().next_multiple_of(DIRECT_ALIGN);
-        self.mem.resize(self.start + padded, 0);
-        self.bytes()
-    }
-
     fn clear(&mut self) {
         self.mem.truncate(self.start);
     }
@@ -1055,13 +1152,13 @@ impl Staging {
 
 /// Creates an upload's temp file, on Linux with `O_DIRECT` where the file system takes it (the
 /// flag says which).
-async fn create_upload(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
+async fn create_upload(path: &Path, direct: bool) -> std::io::Result<(std::fs::File, bool)> {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
         #[cfg(target_os = "linux")]
-        {
+        if direct {
             use std::os::unix::fs::OpenOptionsExt;
             match options.clone().custom_flags(libc::O_DIRECT).open(&path) {
                 Ok(file) => return Ok((file, true)),
@@ -1261,43 +1358,105 @@ impl Storage for LocalStorage {
 mod tests {
     use super::*;
 
-    /// Uneven chunks (empty ones too) over several staging buffers, then a trailer that leaves
-    /// the last block partial: the file holds exactly the bytes and the hash is theirs, with
-    /// direct writes and through the page cache.
+    /// Uneven chunks (empty ones too) over several staging buffers, then a trailer: the file
+    /// holds exactly the bytes and the hash is theirs, with direct writes (several in flight),
+    /// through the page cache, and with direct writes refused half-way; and with the end short of
+    /// a whole block or right on one.
     #[tokio::test]
     async fn an_upload_is_written_exactly() {
-        let chunks: Vec<Bytes> = (0..4000usize)
-            .map(|i| Bytes::from(vec![(i % 253) as u8; (i * 7919) % 20_000]))
-            .collect();
-        let body: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        let trailer = b"a trailer that ends mid-block";
-        let mut expected = body.clone();
-        expected.extend_from_slice(trailer);
-        assert!(
-            expected.len() > (MAX_WRITES + 2) * STAGE
-                && !expected.len().is_multiple_of(DIRECT_ALIGN)
-        );
-        for ask_direct in [true, false] {
-            let path = std::env::temp_dir().join(format!("cyb-upload-{}", uuid::Uuid::new_v4()));
-            let (file, direct) = if ask_direct {
-                create_upload(&path).await.expect("create")
-            } else {
-                (std::fs::File::create(&path).expect("create"), false)
-            };
-            assert_eq!(direct, ask_direct, "this file system takes O_DIRECT");
-            let mut writer = Writer::new(file, direct).expect("writer");
+        // Under the build's own directory: /tmp may be a tmpfs, which may refuse O_DIRECT.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        let trailer = b"a trailer";
+        for (mode, aligned_end) in [
+            ("direct", false),
+            ("direct", true),
+            ("page cache", false),
+            ("refused", false),
+        ] {
+            let mut chunks: Vec<Bytes> = (0..4000usize)
+                .map(|i| Bytes::from(vec![(i % 253) as u8; (i * 7919) % 20_000]))
+                .collect();
+            let mut body: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            if aligned_end {
+                let pad = (body.len() + trailer.len()).next_multiple_of(DIRECT_ALIGN)
+                    - (body.len() + trailer.len());
+                chunks.push(Bytes::from(vec![7u8; pad]));
+                body.extend(std::iter::repeat_n(7u8, pad));
+            }
+            let mut expected = body.clone();
+            expected.extend_from_slice(trailer);
+            assert!(expected.len() > (MAX_WRITES + 2) * STAGE);
+            assert_eq!(expected.len().is_multiple_of(DIRECT_ALIGN), aligned_end);
+
+            let path = dir.join(format!("cyb-upload-{}", uuid::Uuid::new_v4()));
+            let (file, direct) = create_upload(&path, mode != "page cache")
+                .await
+                .expect("create");
+            assert_eq!(
+                direct,
+                mode != "page cache",
+                "{mode}: the build's disk takes O_DIRECT"
+            );
+            let store = Arc::new(Writes::default());
+            let mut writer = Writer::new(file, direct, store.clone()).expect("writer");
+            if mode == "refused" {
+                // A buffer one byte off the alignment: the first direct write is refused.
+                writer.current = Staging::misaligned();
+            }
             for chunk in &chunks {
                 writer.push(chunk.clone()).await.expect("push");
             }
             let (hash, size) = writer.digest().await.expect("digest");
             assert_eq!(size, body.len() as u64);
-            assert!(hash.finalize()[..] == Sha256::digest(&body)[..]);
+            assert!(
+                hash.finalize()[..] == Sha256::digest(&body)[..],
+                "{mode}: the hash"
+            );
             assert!(writer.made <= MAX_WRITES + 1);
+            assert!(writer.peak_writes >= 2, "{mode}: writes overlap");
+            let still_direct = writer.direct.load(Ordering::Relaxed);
+            assert_eq!(
+                still_direct,
+                mode == "direct",
+                "{mode}: direct writes kept or given up"
+            );
+            assert_eq!(
+                store.direct.load(Ordering::Relaxed),
+                mode != "refused" && mode != "page cache"
+            );
             writer.seal(trailer).await.expect("seal");
             let back = std::fs::read(&path).expect("read back");
-            assert_eq!(back.len(), expected.len(), "direct: {direct}");
-            assert!(back == expected, "direct: {direct}");
             let _ = std::fs::remove_file(&path);
+            assert_eq!(back.len(), expected.len(), "{mode}: the length");
+            assert!(back == expected, "{mode}: the bytes");
         }
+    }
+
+    /// Buffers beyond an upload's first come from the store's budget, never waited for: with it
+    /// spent, an upload goes on with one buffer, one write at a time.
+    #[tokio::test]
+    async fn an_upload_with_the_store_budget_spent_still_completes() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        let path = dir.join(format!("cyb-upload-{}", uuid::Uuid::new_v4()));
+        let (file, direct) = create_upload(&path, true).await.expect("create");
+        let store = Arc::new(Writes::default());
+        let held = store
+            .buffers
+            .clone()
+            .try_acquire_many_owned(STORE_BUFFERS as u32)
+            .expect("the whole budget");
+        let mut writer = Writer::new(file, direct, store.clone()).expect("writer");
+        let body = Bytes::from(vec![9u8; 3 * STAGE + 100]);
+        writer.push(body.clone()).await.expect("push");
+        let (_, size) = writer.digest().await.expect("digest");
+        assert_eq!(size, body.len() as u64);
+        assert_eq!(writer.made, 1);
+        assert_eq!(writer.peak_writes, 1);
+        writer.seal(b"").await.expect("seal");
+        drop(held);
+        assert_eq!(store.buffers.available_permits(), STORE_BUFFERS);
+        let back = std::fs::read(&path).expect("read back");
+        let _ = std::fs::remove_file(&path);
+        assert!(back == body[..]);
     }
 }

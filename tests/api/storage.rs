@@ -361,9 +361,9 @@ async fn the_local_backend_behaves() {
 
 #[tokio::test]
 async fn the_local_backend_streams_an_object_past_its_write_and_read_ahead_steps() {
-    // 40 MiB and a bit: ten write buffers (4 MiB each, two written at once) while it arrives, the
-    // last one partial, and a read of it runs chunks ahead; odd-sized chunks in, so no boundary
-    // lines up.
+    // 40 MiB and a bit: ten write buffers (4 MiB each, up to four written at once) while it
+    // arrives, the last one partial, and a read of it runs chunks ahead; odd-sized chunks in, so
+    // no boundary lines up.
     let root = tempdir();
     let s = LocalStorage::open(&root).await.expect("open");
     let big = path(tenant(1), "exports/big.bin");
