@@ -826,8 +826,8 @@ const MAX_WRITES: usize = 4;
 /// Staging buffers beyond each upload's first that a store's uploads hold at once, at most
 /// (256 MiB).
 const STORE_BUFFERS: usize = 64;
-/// An upload asks the disk to make what it has been written durable each time this much more has
-/// been written, without waiting for it: a disk with a write cache (a VM's virtual disk above all)
+/// An upload asks the disk to make what has been written durable each time this much more has been
+/// handed to writes, without waiting for it: a disk with a write cache (a VM's virtual disk above all)
 /// then empties it while the upload goes on, and the final fsync finds little left to flush.
 const FLUSH_STEP: u64 = 8 * 1024 * 1024;
 /// A staging buffer's size: the unit of an upload's writes.
