@@ -11,6 +11,8 @@
 #   storm      N clients connect at once with a Last-Event-ID 20 events back
 # Each scenario is one run of our load generator (scripts/bench/sse_load.rs): raw-TCP SSE clients
 # spread over 127.0.0.1-4, each event carrying its publish time, so every delivery is timed.
+# "publish ack" is how long a publish took to be answered: for Cybernetic, the event committed to
+# the log (a durable PostgreSQL commit); for Nchan, the message stored in its memory.
 #
 # Environment: CONNECTIONS (10000), DURATION seconds per load scenario (20),
 #   NCHAN_CONF (default ../shared/peers/nchan/nginx.conf beside the repository),
@@ -103,8 +105,8 @@ by = {(r["target"], r["scenario"]): r["result"] for r in rows}
 def cell(r, key, fmt):
     v = r.get(key)
     return fmt.format(v) if isinstance(v, (int, float)) and v == v else "-"
-print("| scenario | server | connected | deliveries/s | p50 ms | p99 ms | p99.9 ms | KiB/conn (idle) | server CPU s | loadgen CPU s | storm s |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| scenario | server | connected | deliveries/s | p50 ms | p99 ms | p99.9 ms | publish ack p50 / p99 ms | KiB/conn (idle) | server CPU s | loadgen CPU s | storm s |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for scenario in ["idle", "topics-10k", "topics-50k", "broadcast", "storm"]:
     for target in ["cybernetic", "nchan"]:
         r = by.get((target, scenario))
@@ -112,6 +114,7 @@ for scenario in ["idle", "topics-10k", "topics-50k", "broadcast", "storm"]:
             continue
         print(f"| {scenario} | {target} | {r['connected']} | {cell(r,'deliveries_per_s','{:.0f}')} | {cell(r,'p50_ms','{:.2f}')} | "
               f"{cell(r,'p99_ms','{:.2f}')} | {cell(r,'p999_ms','{:.2f}')} | "
+              f"{cell(r,'ack_p50_ms','{:.2f}')} / {cell(r,'ack_p99_ms','{:.2f}')} | "
               f"{cell(r,'kib_per_conn','{:.2f}') if scenario == 'idle' else '-'} | {cell(r,'server_cpu_s','{:.1f}')} | "
               f"{cell(r,'loadgen_cpu_s','{:.1f}')} | {cell(r,'storm_s','{:.2f}') if scenario == 'storm' else '-'} |")
 PY

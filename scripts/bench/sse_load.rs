@@ -231,7 +231,15 @@ async fn publish_one(client: &reqwest::Client, args: &Args) -> String {
     }
 }
 
-async fn publisher(args: Arc<Args>, stop: Arc<AtomicU64>, published: Arc<AtomicU64>) {
+/// Publishes at the fixed rate until `stop`; records how long each publish took to be
+/// acknowledged (`acks`, microseconds): for Cybernetic the commit to the log, for Nchan the
+/// in-memory store.
+async fn publisher(
+    args: Arc<Args>,
+    stop: Arc<AtomicU64>,
+    published: Arc<AtomicU64>,
+    acks: Arc<Mutex<Vec<u32>>>,
+) {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()
@@ -247,8 +255,10 @@ async fn publisher(args: Arc<Args>, stop: Arc<AtomicU64>, published: Arc<AtomicU
         let client = client.clone();
         let args = args.clone();
         let published = published.clone();
+        let acks = acks.clone();
         tokio::spawn(async move {
-            let payload = format!(r#"{{"t":{}}}"#, now_us());
+            let started = now_us();
+            let payload = format!(r#"{{"t":{started}}}"#);
             let sent = match args.target {
                 Target::Cybernetic => {
                     client
@@ -268,6 +278,8 @@ async fn publisher(args: Arc<Args>, stop: Arc<AtomicU64>, published: Arc<AtomicU
                 }
             };
             if matches!(sent, Ok(r) if r.status().is_success()) {
+                let ack = now_us().saturating_sub(started).min(u32::MAX as u64) as u32;
+                acks.lock().await.push(ack);
                 published.fetch_add(1, Ordering::Relaxed);
             }
         });
@@ -374,11 +386,17 @@ async fn main() {
     let own_cpu_start = own_cpu_ticks();
     let stop = Arc::new(AtomicU64::new(0));
     let published = Arc::new(AtomicU64::new(0));
+    let acks = Arc::new(Mutex::new(Vec::new()));
     let delivered_start = shared.delivered.load(Ordering::Relaxed);
     let started = Instant::now();
     let mut publishing = Duration::ZERO;
     if args.rate > 0 && args.seconds > 0 {
-        tokio::spawn(publisher(args.clone(), stop.clone(), published.clone()));
+        tokio::spawn(publisher(
+            args.clone(),
+            stop.clone(),
+            published.clone(),
+            acks.clone(),
+        ));
         tokio::time::sleep(Duration::from_secs(args.seconds)).await;
         stop.store(1, Ordering::Relaxed);
         publishing = started.elapsed();
@@ -394,6 +412,8 @@ async fn main() {
     let own_cpu = (own_cpu_ticks() - own_cpu_start) as f64 / ticks;
     let mut latencies = std::mem::take(&mut *shared.latencies.lock().await);
     latencies.sort_unstable();
+    let mut acks = std::mem::take(&mut *acks.lock().await);
+    acks.sort_unstable();
     let per_conn = if connected > 0 {
         (rss_idle.saturating_sub(rss_before)) as f64 / connected as f64
     } else {
@@ -402,7 +422,7 @@ async fn main() {
     println!(
         "{{\"connected\":{connected},\"failed\":{},\"connect_s\":{connect_seconds:.2},\"storm_s\":{storm_seconds:.2},\"replayed\":{},\
          \"rss_before_kib\":{rss_before},\"rss_idle_kib\":{rss_idle},\"kib_per_conn\":{per_conn:.2},\
-         \"published\":{},\"delivered\":{delivered},\"deliveries_per_s\":{:.0},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"p999_ms\":{:.2},\
+         \"published\":{},\"delivered\":{delivered},\"deliveries_per_s\":{:.0},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"p999_ms\":{:.2},\"ack_p50_ms\":{:.2},\"ack_p99_ms\":{:.2},\
          \"server_cpu_s\":{server_cpu:.2},\"loadgen_cpu_s\":{own_cpu:.2},\"seconds\":{elapsed:.2}}}",
         shared.failed.load(Ordering::Relaxed),
         shared.replayed.load(Ordering::Relaxed),
@@ -411,5 +431,7 @@ async fn main() {
         pct(&latencies, 0.5),
         pct(&latencies, 0.99),
         pct(&latencies, 0.999),
+        pct(&acks, 0.5),
+        pct(&acks, 0.99),
     );
 }

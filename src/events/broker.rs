@@ -82,15 +82,14 @@ impl Broker {
         let Some(published_at) = live.published_at_us else {
             return;
         };
-        let body = format!(
-            r#"{{"published_at_us":{published_at},"event":{}}}"#,
-            live.json
-        );
+        let mut body = format!(r#"{{"published_at_us":{published_at},"event":"#).into_bytes();
+        body.extend_from_slice(live.json());
+        body.push(b'}');
         let publish = channel.basic_publish(
             EXCHANGE.into(),
             "".into(),
             BasicPublishOptions::default(),
-            body.as_bytes(),
+            &body,
             BasicProperties::default(),
         );
         match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {

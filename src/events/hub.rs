@@ -430,11 +430,11 @@ impl Feed {
 
     /// Adds the next position to the recent window, dropping the oldest beyond its bounds.
     fn remember(&mut self, live: Arc<Live>) {
-        self.recent_bytes += live.json.len();
+        self.recent_bytes += live.json().len();
         self.recent.push_back(live);
         while self.recent.len() > self.capacity || self.recent_bytes > WINDOW_BYTES {
             match self.recent.pop_front() {
-                Some(old) => self.recent_bytes -= old.json.len(),
+                Some(old) => self.recent_bytes -= old.json().len(),
                 None => break,
             }
         }

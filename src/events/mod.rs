@@ -8,20 +8,26 @@ pub mod broker;
 pub mod hub;
 pub mod retention;
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
 
 use crate::db::events::Event;
 use crate::domain::event_type::EventType;
 
-/// A committed event on its way to subscribers, serialised once for all of them.
+/// A committed event on its way to subscribers, rendered once for all of them: every stream that
+/// delivers it writes the same shared bytes.
 #[derive(Debug)]
 pub struct Live {
     pub position: i64,
     pub event_type: String,
     pub tenant_id: uuid::Uuid,
-    /// The envelope `{"id", "type", "tenant_id", "occurred_at", "data"}` as JSON.
-    pub json: String,
+    /// The SSE frame `id: <position>\nevent: <type>\ndata: <envelope>\n\n`.
+    frame: Bytes,
+    /// Where the envelope `{"id", "type", "tenant_id", "occurred_at", "data"}` lies in `frame`.
+    json: Range<usize>,
     /// When it was handed to the bus after commit (microseconds since the epoch); `None` when it
     /// was read back from the log, so delivery latency is not measured for it.
     pub published_at_us: Option<i64>,
@@ -29,15 +35,57 @@ pub struct Live {
 
 impl Live {
     pub fn new(event: &Event, published_at_us: Option<i64>) -> Self {
+        let mut frame = format!("id: {}\nevent: {}\ndata: ", event.id, event.event_type);
+        let start = frame.len();
+        // An envelope of strings, numbers and JSON values always serialises, and compact JSON
+        // has no line break (those in strings are escaped), so it is one `data:` line.
+        frame.push_str(&serde_json::to_string(event).unwrap_or_default());
+        let end = frame.len();
+        frame.push_str("\n\n");
         Self {
             position: event.id,
             event_type: event.event_type.clone(),
             tenant_id: event.tenant_id,
-            // An envelope of strings, numbers and JSON values always serialises.
-            json: serde_json::to_string(event).unwrap_or_default(),
+            frame: Bytes::from(frame),
+            json: start..end,
             published_at_us,
         }
     }
+
+    /// The envelope as JSON text.
+    pub fn json(&self) -> &[u8] {
+        &self.frame[self.json.clone()]
+    }
+
+    /// The event's SSE frame (a reference-counted view: no copy).
+    pub fn frame(&self) -> Bytes {
+        self.frame.clone()
+    }
+}
+
+/// An SSE frame that is not an event of the log: a position, a `retry:` hint, or a named event
+/// with one line of data (`data` must hold no line break).
+pub fn control_frame(
+    id: Option<i64>,
+    event: Option<&str>,
+    data: Option<&str>,
+    retry: Option<std::time::Duration>,
+) -> Bytes {
+    let mut frame = String::new();
+    if let Some(id) = id {
+        frame.push_str(&format!("id: {id}\n"));
+    }
+    if let Some(event) = event {
+        frame.push_str(&format!("event: {event}\n"));
+    }
+    if let Some(data) = data {
+        frame.push_str(&format!("data: {data}\n"));
+    }
+    if let Some(retry) = retry {
+        frame.push_str(&format!("retry: {}\n", retry.as_millis()));
+    }
+    frame.push('\n');
+    Bytes::from(frame)
 }
 
 pub fn now_us() -> i64 {

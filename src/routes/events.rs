@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::IntoResponse;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -31,7 +32,7 @@ use crate::domain::tenant::TenantId;
 use crate::domain::topic::TopicFilter;
 use crate::events::batch::PublishError;
 use crate::events::hub::{Delivery, Start};
-use crate::events::{Live, now_us};
+use crate::events::{Live, control_frame, now_us};
 use crate::http::error::ApiError;
 use crate::http::extract::{AppJson, AppQuery, Operator, TenantAuth, Viewer, bearer_token_from};
 use crate::http::middleware::record_tenant;
@@ -43,6 +44,8 @@ use super::Page;
 const MAX_DATA_BYTES: usize = 64 * 1024;
 /// Reconnect hint sent on connect and when the server closes the stream.
 const RETRY: Duration = Duration::from_millis(1000);
+/// Sent every `SSE_HEARTBEAT`, so proxies and clients see an idle stream is alive.
+const HEARTBEAT: &[u8] = b": heartbeat\n\n";
 /// Longest a new stream waits for another to read its tenant's feed start from the log.
 const WARM_WAIT: Duration = Duration::from_secs(2);
 /// Log pages read while replaying or catching up.
@@ -165,9 +168,6 @@ pub async fn stream(
         filter,
         key_hash,
     };
-    let keep_alive = KeepAlive::new()
-        .interval(state.config.events.heartbeat)
-        .text("heartbeat");
     if let Start::Warm { scanned, replay } = start {
         let begin = Begin {
             announced: last_id.unwrap_or(scanned),
@@ -179,7 +179,7 @@ pub async fn stream(
             },
         };
         let stream = follow(state.clone(), follow_what, subscription, begin);
-        return Ok(Sse::new(stream).keep_alive(keep_alive));
+        return Ok(event_stream(stream));
     }
     let mut tx = scope::begin(state.db.primary(), tenant).await?;
     let head = events::head(&mut tx, tenant).await?;
@@ -238,7 +238,7 @@ pub async fn stream(
         reset,
     };
     let stream = follow(state.clone(), follow_what, subscription, begin);
-    Ok(Sse::new(stream).keep_alive(keep_alive))
+    Ok(event_stream(stream))
 }
 
 fn reset_data(last: i64, earliest: Option<i64>, head: i64, reason: &str) -> Value {
@@ -271,11 +271,25 @@ impl Drop for Open {
     }
 }
 
-fn sse_event(live: &Live) -> SseEvent {
-    SseEvent::default()
-        .id(live.position.to_string())
-        .event(&live.event_type)
-        .data(&live.json)
+/// The `text/event-stream` response. Frames are written as the stream yields them; an event's
+/// frame is the bytes the hub rendered once for every stream that delivers it.
+fn event_stream(
+    frames: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // Proxies that buffer responses (nginx) pass each frame on at once.
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(frames),
+    )
+        .into_response()
+}
+
+fn retry_frame() -> Bytes {
+    control_frame(None, None, None, Some(RETRY))
 }
 
 /// What a stream follows, and with whose key.
@@ -309,7 +323,7 @@ fn follow(
     follow: Follow,
     mut subscription: crate::events::hub::Subscription,
     begin: Begin,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
     let Follow {
         tenant,
         filter,
@@ -325,9 +339,9 @@ fn follow(
         let mut open = Open::new();
         // Every frame that is not an event still carries the position reached, so a client that
         // reconnects before its first event resumes from here rather than from the live end.
-        yield Ok(SseEvent::default().id(announced.to_string()).retry(RETRY));
+        yield Ok(control_frame(Some(announced), None, None, Some(RETRY)));
         if let Some(reset) = reset {
-            yield Ok(SseEvent::default().id(scanned.to_string()).event("reset").data(reset.to_string()));
+            yield Ok(control_frame(Some(scanned), Some("reset"), Some(&reset.to_string()), None));
         }
         let mut reason = None;
         match replay {
@@ -341,7 +355,7 @@ fn follow(
                 metrics::counter!("sse_catchups_total", "reason" => "replay").increment(1);
                 for live in events {
                     metrics::counter!("sse_events_sent_total").increment(1);
-                    yield Ok(sse_event(&live));
+                    yield Ok(live.frame());
                 }
             }
         }
@@ -356,7 +370,9 @@ fn follow(
             }
         };
         tokio::pin!(stop);
+        // Every heartbeat interval: the key is checked again and a heartbeat comment is sent.
         let mut recheck = tokio::time::interval(state.config.events.heartbeat);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         recheck.tick().await;
         let mut lag_catchups = 0u32;
         'stream: loop {
@@ -369,7 +385,7 @@ fn follow(
                     Err(e) => {
                         tracing::warn!(error = %e, "event stream could not read the log; closing it");
                         open.reason = "log_unavailable";
-                        yield Ok(SseEvent::default().retry(RETRY));
+                        yield Ok(retry_frame());
                         break;
                     }
                 };
@@ -380,20 +396,20 @@ fn follow(
                         Ok(CatchUp::Events(events, reached)) => {
                             for live in &events {
                                 metrics::counter!("sse_events_sent_total").increment(1);
-                                yield Ok(sse_event(live));
+                                yield Ok(live.frame());
                             }
                             scanned = reached;
                         }
                         Ok(CatchUp::Pruned { earliest }) => {
                             // Retention overtook this reader: say so, and go on from what is kept.
                             let data = reset_data(scanned, Some(earliest), upto, "events after this id were pruned during replay");
-                            yield Ok(SseEvent::default().id((earliest - 1).to_string()).event("reset").data(data.to_string()));
+                            yield Ok(control_frame(Some(earliest - 1), Some("reset"), Some(&data.to_string()), None));
                             scanned = earliest - 1;
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "event stream could not read the log; closing it");
                             open.reason = "log_unavailable";
-                            yield Ok(SseEvent::default().retry(RETRY));
+                            yield Ok(retry_frame());
                             break 'stream;
                         }
                     }
@@ -403,12 +419,15 @@ fn follow(
                 biased;
                 () = &mut stop => {
                     open.reason = "shutdown";
-                    yield Ok(SseEvent::default().retry(RETRY));
+                    yield Ok(retry_frame());
                     break;
                 }
                 _ = recheck.tick() => {
                     match Box::pin(state.keys.authenticate(state.db.primary(), &key_hash)).await {
-                        Ok(Some(_)) | Err(_) => continue,
+                        Ok(Some(_)) | Err(_) => {
+                            yield Ok(Bytes::from_static(HEARTBEAT));
+                            continue;
+                        }
                         Ok(None) => {
                             open.reason = "key_revoked";
                             break;
@@ -428,14 +447,14 @@ fn follow(
                         metrics::histogram!("event_delivery_seconds").record(seconds);
                     }
                     metrics::counter!("sse_events_sent_total").increment(1);
-                    yield Ok(sse_event(&live));
+                    yield Ok(live.frame());
                 }
                 Ok(_) => reason = Some("gap"),
                 Err(RecvError::Lagged(_)) => {
                     lag_catchups += 1;
                     if lag_catchups > MAX_LAG_CATCHUPS {
                         open.reason = "slow_consumer";
-                        yield Ok(SseEvent::default().retry(RETRY));
+                        yield Ok(retry_frame());
                         break;
                     }
                     reason = Some("lagged");

@@ -354,6 +354,39 @@ async fn heartbeats_keep_an_idle_stream_alive() {
 }
 
 #[tokio::test]
+async fn heartbeats_keep_coming_while_events_flow() {
+    // Events every 50 ms never leave the stream silent for 300 ms; the heartbeat comes all the
+    // same, so a proxy or client timing the heartbeat itself sees it on a busy stream too.
+    let app = TestApp::spawn_with(Options::default().env("SSE_HEARTBEAT", "300ms")).await;
+    let t = app.tenant("acme").await;
+    let mut stream = SseClient::open(&app, "", &t.viewer, None).await;
+    let mut pace = tokio::time::interval(Duration::from_millis(50));
+    let mut heartbeats = 0;
+    let mut delivered = 0;
+    for n in 1..=120 {
+        pace.tick().await;
+        let id = publish(&app, &t.operator, "tick", n).await;
+        loop {
+            let frame = stream.frame(WAIT).await.unwrap();
+            if frame.comment.as_deref() == Some("heartbeat") {
+                heartbeats += 1;
+            } else if frame.event.as_deref() == Some("tick") {
+                assert_eq!(frame.position(), id);
+                delivered += 1;
+                break;
+            }
+        }
+        if heartbeats >= 2 {
+            break;
+        }
+    }
+    assert!(
+        heartbeats >= 2,
+        "no heartbeat among {delivered} events published every 50 ms"
+    );
+}
+
+#[tokio::test]
 async fn an_id_beyond_recovery_starts_with_reset() {
     let app = TestApp::spawn().await;
     let t = app.tenant("acme").await;
