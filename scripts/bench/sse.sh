@@ -58,6 +58,8 @@ cleanup() {
 trap cleanup EXIT
 
 # --- Cybernetic ---------------------------------------------------------------------------------
+# A fresh database each run (one left by an interrupted run already holds the bench tenant).
+psql "${PG_SUPERUSER_URL:-postgres://postgres@127.0.0.1:5432/postgres}" -qX -c "drop database if exists cybernetic_ssebench with (force)" >/dev/null
 DB_NAME=cybernetic_ssebench bash scripts/db-setup.sh
 MIGRATION_DATABASE_URL="postgres://cybernetic_owner:${OWNER_PASSWORD:-owner}@127.0.0.1:5432/cybernetic_ssebench?sslmode=disable" "$bin" migrate >/dev/null
 admin=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
