@@ -9,8 +9,8 @@
 //! the delivery at once; any other answer, a timeout or a connection failure is retried with
 //! backoff until its attempts run out. Redirects are not followed.
 //!
-//! A Telegram message (a command's reply, or an alert for a subscribed event, enqueued by the
-//! `telegram_alerts` trigger as the event is appended) is sent with `sendMessage` in as many parts
+//! A Telegram message (a command's reply, or an alert for a subscribed event, enqueued by
+//! `append_events` as the event is appended) is sent with `sendMessage` in as many parts
 //! as Telegram's length limit needs. Each part delivered is recorded on the tenant's
 //! `notifications` row at once, so a retry resumes after it instead of sending it twice. A 429
 //! waits the `retry_after` Telegram gives; a 403 (the bot was blocked, or removed from the group)
