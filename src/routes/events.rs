@@ -423,11 +423,10 @@ fn follow(
                     break;
                 }
                 _ = recheck.tick() => {
+                    // The heartbeat first: a slow key lookup (the database away) never delays it.
+                    yield Ok(Bytes::from_static(HEARTBEAT));
                     match Box::pin(state.keys.authenticate(state.db.primary(), &key_hash)).await {
-                        Ok(Some(_)) | Err(_) => {
-                            yield Ok(Bytes::from_static(HEARTBEAT));
-                            continue;
-                        }
+                        Ok(Some(_)) | Err(_) => continue,
                         Ok(None) => {
                             open.reason = "key_revoked";
                             break;
