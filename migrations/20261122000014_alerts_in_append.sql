@@ -13,8 +13,10 @@ drop function telegram_alerts_enqueue();
 -- One notification per (event, subscribed chat) whose pattern matches, for the tenant's events at
 -- positions p_first..p_last, skipping muted and inactive chats. Job events of the notification
 -- kind itself are never pushed (an alert's own completion would otherwise alert again). Runs as
--- the appending role under the tenant's row security (append_events sets the tenant); the key
--- makes a repeat impossible.
+-- the appending role under the tenant's row security (append_events sets the tenant). The job's
+-- key makes a repeat impossible: an event already alerted to a chat gets neither a second job nor
+-- a second notifications row. (Unlike the trigger, whose notifications insert did not depend on
+-- the job's, this function can be called directly.)
 create function telegram_alerts_enqueue(p_tenant uuid, p_first bigint, p_last bigint)
 returns void
 language plpgsql
@@ -39,11 +41,6 @@ begin
            and (s.pattern = '*' or s.pattern = e.type
                 or (right(s.pattern, 2) = '.*' and starts_with(e.type, left(s.pattern, -1))))
          group by e.tenant_id, e.position, e.type, c.chat_id
-    ), recorded as (
-        insert into public.notifications (id, tenant_id, channel, chat_id, purpose, event_position,
-                                          event_type, job_id)
-        select notification_id, tenant_id, 'telegram', chat_id, 'alert', position, type, job_id
-          from due
     ), queued as (
         insert into public.jobs (id, tenant_id, kind, queue, args, max_attempts, idempotency_key)
         select job_id, tenant_id, 'notification', 'notifications',
@@ -52,9 +49,18 @@ begin
                12, 'telegram:alert:' || chat_id || ':' || position
           from due
         on conflict (tenant_id, idempotency_key) where idempotency_key is not null do nothing
+        returning id
+    ), recorded as (
+        -- Only for the jobs inserted now: a repeated call records nothing twice.
+        insert into public.notifications (id, tenant_id, channel, chat_id, purpose, event_position,
+                                          event_type, job_id)
+        select d.notification_id, d.tenant_id, 'telegram', d.chat_id, 'alert', d.position, d.type,
+               d.job_id
+          from due d
+          join queued q on q.id = d.job_id
         returning 1
     )
-    select count(*) into v_count from queued;
+    select count(*) into v_count from recorded;
     if v_count > 0 then
         perform pg_notify('cybernetic_jobs', 'notifications');
     end if;

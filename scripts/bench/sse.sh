@@ -12,7 +12,8 @@
 # Each scenario is one run of our load generator (scripts/bench/sse_load.rs): raw-TCP SSE clients
 # spread over 127.0.0.1-4, each event carrying its publish time, so every delivery is timed.
 # "publish ack" is how long a publish took to be answered: for Cybernetic, the event committed to
-# the log (a durable PostgreSQL commit); for Nchan, the message stored in its memory.
+# the log (a durable PostgreSQL commit); for Nchan, the message stored in its memory (nginx
+# answers once it has also written most of the deliveries: its ack comes after them).
 #
 # Environment: CONNECTIONS (10000), DURATION seconds per load scenario (20),
 #   NCHAN_CONF (default ../shared/peers/nchan/nginx.conf beside the repository),

@@ -233,7 +233,7 @@ async fn publish_one(client: &reqwest::Client, args: &Args) -> String {
 
 /// Publishes at the fixed rate until `stop`; records how long each publish took to be
 /// acknowledged (`acks`, microseconds): for Cybernetic the commit to the log, for Nchan the
-/// in-memory store.
+/// in-memory store (answered once most deliveries are written).
 async fn publisher(
     args: Arc<Args>,
     stop: Arc<AtomicU64>,

@@ -42,6 +42,10 @@ impl Live {
         frame.push_str(&serde_json::to_string(event).unwrap_or_default());
         let end = frame.len();
         frame.push_str("\n\n");
+        debug_assert!(
+            !frame[..end].contains('\r') && frame[..end].matches('\n').count() == 2,
+            "an event frame's fields are single lines"
+        );
         Self {
             position: event.id,
             event_type: event.event_type.clone(),
@@ -71,6 +75,13 @@ pub fn control_frame(
     data: Option<&str>,
     retry: Option<std::time::Duration>,
 ) -> Bytes {
+    debug_assert!(
+        [event, data]
+            .iter()
+            .flatten()
+            .all(|field| !field.contains(['\r', '\n'])),
+        "a control frame's fields are single lines"
+    );
     let mut frame = String::new();
     if let Some(id) = id {
         frame.push_str(&format!("id: {id}\n"));
@@ -177,4 +188,50 @@ pub fn describe_metrics() {
         "event_broker_disconnects_total",
         "Times the broker connection was lost."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::DateTime;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn an_event_frame_is_id_event_and_the_envelope_on_one_data_line() {
+        let event = Event {
+            id: 7,
+            event_type: "n8n.flow.finished".into(),
+            tenant_id: uuid::Uuid::nil(),
+            occurred_at: DateTime::from_timestamp(0, 0).expect("the epoch"),
+            data: json!({"note": "two\nlines\r\n"}),
+        };
+        let live = Live::new(&event, None);
+        let envelope = serde_json::to_string(&event).expect("serialises");
+        assert_eq!(live.json(), envelope.as_bytes());
+        assert_eq!(
+            live.frame(),
+            Bytes::from(format!(
+                "id: 7\nevent: n8n.flow.finished\ndata: {envelope}\n\n"
+            ))
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(live.json()).expect("JSON");
+        assert_eq!(parsed["data"]["note"], "two\nlines\r\n");
+    }
+
+    #[test]
+    fn control_frames_carry_only_the_fields_given() {
+        let retry = Some(Duration::from_millis(1000));
+        assert_eq!(
+            control_frame(Some(5), None, None, retry),
+            "id: 5\nretry: 1000\n\n"
+        );
+        assert_eq!(control_frame(None, None, None, retry), "retry: 1000\n\n");
+        assert_eq!(
+            control_frame(Some(3), Some("reset"), Some(r#"{"a":1}"#), None),
+            "id: 3\nevent: reset\ndata: {\"a\":1}\n\n"
+        );
+    }
 }

@@ -9,7 +9,9 @@
 //! Positions are contiguous per tenant, so this yields every event exactly once and in order.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Json;
@@ -179,7 +181,7 @@ pub async fn stream(
             },
         };
         let stream = follow(state.clone(), follow_what, subscription, begin);
-        return Ok(event_stream(stream));
+        return Ok(event_stream(stream, state.config.events.heartbeat));
     }
     let mut tx = scope::begin(state.db.primary(), tenant).await?;
     let head = events::head(&mut tx, tenant).await?;
@@ -238,7 +240,7 @@ pub async fn stream(
         reset,
     };
     let stream = follow(state.clone(), follow_what, subscription, begin);
-    Ok(event_stream(stream))
+    Ok(event_stream(stream, state.config.events.heartbeat))
 }
 
 fn reset_data(last: i64, earliest: Option<i64>, head: i64, reason: &str) -> Value {
@@ -271,11 +273,19 @@ impl Drop for Open {
     }
 }
 
-/// The `text/event-stream` response. Frames are written as the stream yields them; an event's
-/// frame is the bytes the hub rendered once for every stream that delivers it.
+/// The `text/event-stream` response, with a heartbeat every `heartbeat`. Frames are written as
+/// the stream yields them; an event's frame is the bytes the hub rendered once for every stream
+/// that delivers it.
 fn event_stream(
     frames: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+    heartbeat: Duration,
 ) -> Response {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let frames = Heartbeats {
+        frames: Box::pin(frames),
+        tick,
+    };
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -286,6 +296,25 @@ fn event_stream(
         Body::from_stream(frames),
     )
         .into_response()
+}
+
+/// A stream of frames with a `: heartbeat` comment every tick, whatever the stream is doing:
+/// waiting for events, or for the database while it catches up. It ends with the stream. Nothing
+/// resets the timer per event, so a busy stream costs no timer work per frame.
+struct Heartbeats<S> {
+    frames: Pin<Box<S>>,
+    tick: tokio::time::Interval,
+}
+
+impl<S: Stream<Item = Result<Bytes, Infallible>>> Stream for Heartbeats<S> {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.tick.poll_tick(cx).is_ready() {
+            return Poll::Ready(Some(Ok(Bytes::from_static(HEARTBEAT))));
+        }
+        self.frames.as_mut().poll_next(cx)
+    }
 }
 
 fn retry_frame() -> Bytes {
@@ -370,7 +399,7 @@ fn follow(
             }
         };
         tokio::pin!(stop);
-        // Every heartbeat interval: the key is checked again and a heartbeat comment is sent.
+        // The key is checked again every heartbeat interval.
         let mut recheck = tokio::time::interval(state.config.events.heartbeat);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         recheck.tick().await;
@@ -423,8 +452,6 @@ fn follow(
                     break;
                 }
                 _ = recheck.tick() => {
-                    // The heartbeat first: a slow key lookup (the database away) never delays it.
-                    yield Ok(Bytes::from_static(HEARTBEAT));
                     match Box::pin(state.keys.authenticate(state.db.primary(), &key_hash)).await {
                         Ok(Some(_)) | Err(_) => continue,
                         Ok(None) => {

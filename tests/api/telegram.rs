@@ -793,6 +793,71 @@ async fn a_subscribed_chat_gets_the_violation_recorded_through_the_api() {
     bot.wait_for(1101, "1 open violation").await;
 }
 
+/// Alert rows of a tenant: (notifications, notification jobs keyed for alerts).
+async fn alert_rows(app: &TestApp, tenant: &str) -> (i64, i64) {
+    let pool = sqlx::PgPool::connect(&superuser_url(&app.db_name))
+        .await
+        .expect("superuser");
+    let counted = sqlx::query_as(
+        "select (select count(*) from notifications
+                  where tenant_id = $1::uuid and purpose = 'alert'),
+                (select count(*) from jobs
+                  where tenant_id = $1::uuid and idempotency_key like 'telegram:alert:%')",
+    )
+    .bind(tenant)
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    pool.close().await;
+    counted
+}
+
+#[tokio::test]
+async fn a_batch_append_alerts_each_matching_event_once_and_only_subscribed_tenants() {
+    let bot = FakeBot::start().await;
+    let app = TestApp::spawn_with(options(&bot)).await;
+    let t = linked(&app, &bot, "batch", 1201).await;
+    say(&app, 1201, "/subscribe n8n.*").await;
+    bot.wait_for(1201, "Subscribed").await;
+    let quiet = app.tenant("quiet").await;
+
+    // One statement appends three events (as a group-committed publish does); two match.
+    let append = "select max(event_position) from append_events($1::uuid, \
+                  array['n8n.started', 'n8n.finished', 'other.thing'], \
+                  array['{}', '{}', '{}']::jsonb[])";
+    let last: i64 = sqlx::query_scalar(append)
+        .bind(&t.id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(alert_rows(&app, &t.id).await, (2, 2));
+
+    // Enqueueing the same events again records nothing twice.
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("select set_config('app.tenant_id', $1, true)")
+        .bind(&t.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("select telegram_alerts_enqueue($1::uuid, $2 - 2, $2)")
+        .bind(&t.id)
+        .bind(last)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(alert_rows(&app, &t.id).await, (2, 2));
+
+    // A tenant with no linked chat gets no alert rows.
+    sqlx::query(append)
+        .bind(&quiet.id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(alert_rows(&app, &quiet.id).await, (0, 0));
+    bot.wait_for(1201, "n8n.finished").await;
+}
+
 async fn throughput(app: &TestApp, t: &Tenant, value: i64) {
     expect_json(
         app.put(
