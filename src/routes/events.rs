@@ -299,8 +299,8 @@ fn event_stream(
 }
 
 /// A stream of frames with a `: heartbeat` comment every tick, whatever the stream is doing:
-/// waiting for events, or for the database while it catches up. It ends with the stream. Nothing
-/// resets the timer per event, so a busy stream costs no timer work per frame.
+/// waiting for events, or for the database while it catches up. It ends with the stream. The
+/// timer is never reset per event (axum's keep-alive reset it on every frame).
 struct Heartbeats<S> {
     frames: Pin<Box<S>>,
     tick: tokio::time::Interval,
