@@ -317,6 +317,12 @@ impl<S: Stream<Item = Result<Bytes, Infallible>>> Stream for Heartbeats<S> {
     }
 }
 
+/// `event: reset`: the client missed events beyond recovery; the stream goes on after `id`.
+fn reset_frame(id: i64, data: &Value) -> Bytes {
+    // Compact JSON: one `data:` line.
+    control_frame(Some(id), Some("reset"), Some(&data.to_string()), None)
+}
+
 fn retry_frame() -> Bytes {
     control_frame(None, None, None, Some(RETRY))
 }
@@ -370,7 +376,7 @@ fn follow(
         // reconnects before its first event resumes from here rather than from the live end.
         yield Ok(control_frame(Some(announced), None, None, Some(RETRY)));
         if let Some(reset) = reset {
-            yield Ok(control_frame(Some(scanned), Some("reset"), Some(&reset.to_string()), None));
+            yield Ok(reset_frame(scanned, &reset));
         }
         let mut reason = None;
         match replay {
@@ -432,7 +438,7 @@ fn follow(
                         Ok(CatchUp::Pruned { earliest }) => {
                             // Retention overtook this reader: say so, and go on from what is kept.
                             let data = reset_data(scanned, Some(earliest), upto, "events after this id were pruned during replay");
-                            yield Ok(control_frame(Some(earliest - 1), Some("reset"), Some(&data.to_string()), None));
+                            yield Ok(reset_frame(earliest - 1, &data));
                             scanned = earliest - 1;
                         }
                         Err(e) => {
