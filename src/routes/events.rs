@@ -280,12 +280,7 @@ fn event_stream(
     frames: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
     heartbeat: Duration,
 ) -> Response {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let frames = Heartbeats {
-        frames: Box::pin(frames),
-        tick,
-    };
+    let frames = Heartbeats::new(frames, heartbeat);
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -304,6 +299,17 @@ fn event_stream(
 struct Heartbeats<S> {
     frames: Pin<Box<S>>,
     tick: tokio::time::Interval,
+}
+
+impl<S> Heartbeats<S> {
+    fn new(frames: S, heartbeat: Duration) -> Self {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            frames: Box::pin(frames),
+            tick,
+        }
+    }
 }
 
 impl<S: Stream<Item = Result<Bytes, Infallible>>> Stream for Heartbeats<S> {
@@ -595,4 +601,50 @@ pub async fn history(
         None
     };
     Ok(Json(Page { items, next_cursor }))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    async fn next(frames: &mut (impl Stream<Item = Result<Bytes, Infallible>> + Unpin)) -> Bytes {
+        match tokio::time::timeout(DEADLINE, frames.next()).await {
+            Ok(Some(Ok(frame))) => frame,
+            other => panic!("no frame within {DEADLINE:?}: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn heartbeats_go_out_while_the_stream_waits_and_frames_keep_their_order() {
+        // The inner stream stands for a catch-up: one frame, then a wait on the database (the
+        // gate), then the frames the read returns.
+        let (open, gate) = tokio::sync::oneshot::channel::<()>();
+        let inner = async_stream::stream! {
+            yield Ok(Bytes::from_static(b"id: 1\n\n"));
+            let _ = gate.await;
+            yield Ok(Bytes::from_static(b"id: 2\n\n"));
+            yield Ok(Bytes::from_static(b"id: 3\n\n"));
+        };
+        let mut frames = Heartbeats::new(inner, Duration::from_millis(20));
+        assert_eq!(next(&mut frames).await, &b"id: 1\n\n"[..]);
+        // While the read is outstanding, only heartbeats come, one per interval.
+        for _ in 0..3 {
+            assert_eq!(next(&mut frames).await, HEARTBEAT);
+        }
+        open.send(()).expect("the stream waits on the gate");
+        let mut after = Vec::new();
+        while let Some(Ok(frame)) = tokio::time::timeout(DEADLINE, frames.next())
+            .await
+            .expect("the stream ends once its frames are out")
+        {
+            if frame != HEARTBEAT {
+                after.push(frame);
+            }
+        }
+        assert_eq!(after, [&b"id: 2\n\n"[..], &b"id: 3\n\n"[..]]);
+    }
 }
