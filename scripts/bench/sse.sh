@@ -15,10 +15,14 @@
 # the log (a durable PostgreSQL commit); for Nchan, the message stored in its memory (nginx
 # answers once it has also written most of the deliveries: its ack comes after them).
 #
-# Environment: CONNECTIONS (10000), DURATION seconds per load scenario (20),
+# Before the scenarios, pgbench times PostgreSQL alone at topics-10k's publish pace (100/s): a
+# round trip, a one-row insert with and without a durable commit, and `append_events`, the
+# statement behind every publish: the floor under our publish latency on this machine.
+# Environment: CONNECTIONS (10000), DURATION seconds per load scenario (20), FLOOR_SECONDS (15),
 #   NCHAN_CONF (default ../shared/peers/nchan/nginx.conf beside the repository),
 #   SCENARIOS and TARGETS (space-separated subsets, for a quick look at one scenario).
-# Needs: nginx-light + libnginx-mod-nchan (installed if missing), PostgreSQL as for the tests.
+# Needs: nginx-light + libnginx-mod-nchan (installed if missing), PostgreSQL as for the tests, and
+# pgbench (Debian postgresql-client).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
@@ -42,6 +46,7 @@ if [[ ! -f /usr/lib/nginx/modules/ngx_nchan_module.so ]]; then
   echo "bench: installing nginx-light and libnginx-mod-nchan" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light libnginx-mod-nchan >/dev/null
 fi
+command -v pgbench >/dev/null || { echo "bench: pgbench not found (Debian: apt-get install postgresql-client)" >&2; exit 1; }
 [[ -f $nchan_conf ]] || { echo "bench: no Nchan configuration at $nchan_conf (set NCHAN_CONF)" >&2; exit 1; }
 
 cargo build --release --locked --bin cybernetic --example sse-load
@@ -74,6 +79,35 @@ tenant=$(curl -fs -X POST http://127.0.0.1:18081/v1/tenants -H "authorization: B
 token=$(curl -fs -X POST "http://127.0.0.1:18081/v1/tenants/$tenant/api-keys" -H "authorization: Bearer $admin" \
   -H 'content-type: application/json' -d '{"name": "bench", "role": "operator"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 
+# --- PostgreSQL alone at topics-10k's publish pace ----------------------------------------------
+# What a publish's commit costs on this machine before any HTTP or fan-out: pgbench, one client,
+# 100 transactions/s (topics-10k's publish rate), each timed without pgbench's own schedule lag.
+floor_s=${FLOOR_SECONDS:-15}
+super_url="${PG_SUPERUSER_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+bench_super_url="${super_url%/*}/cybernetic_ssebench"
+app_url="postgres://cybernetic_app:${APP_PASSWORD:-app}@127.0.0.1:5432/cybernetic_ssebench?sslmode=disable"
+psql "$bench_super_url" -qX -c "create table bench_floor (id bigserial primary key, data jsonb not null)" >/dev/null
+echo "select 1;" >"$work/round-trip.sql"
+echo "insert into bench_floor (data) values ('{\"n\": 1}');" >"$work/insert.sql"
+echo "select * from append_events('$tenant', array['bench.floor'], array['{\"n\": 1}'::jsonb]);" >"$work/append.sql"
+floor() { # label url script [PGOPTIONS]
+  echo "bench: postgresql $1" >&2
+  rm -f "$work"/pgbench-log*
+  PGOPTIONS=${4:-} pgbench -n -c 1 -R 100 -T "$floor_s" -f "$work/$3" --log --log-prefix="$work/pgbench-log" "$2" >/dev/null 2>&1
+  cat "$work"/pgbench-log* | python3 -c '
+import sys
+# client, transaction, time (us, from the scheduled start), script, epoch s, us, schedule lag (us)
+ms = sorted((int(f[2]) - int(f[6])) / 1000 for f in (l.split() for l in sys.stdin))
+q = lambda p: ms[min(len(ms) - 1, int(p * len(ms)))]
+print(f"| {sys.argv[1]} | {len(ms)} | {q(0.5):.2f} | {q(0.99):.2f} |")' "$1" >>"$work/floor.md"
+}
+printf '| statement (pgbench, 100/s) | transactions | p50 ms | p99 ms |\n|---|---:|---:|---:|\n' >"$work/floor.md"
+floor "\`select 1\` (a round trip)" "$bench_super_url" round-trip.sql
+floor "one-row insert, commit not flushed (\`synchronous_commit=off\`)" "$bench_super_url" insert.sql "-c synchronous_commit=off"
+floor "one-row insert, durable commit" "$bench_super_url" insert.sql
+floor "\`append_events\`, one event, durable commit (a publish, as the app role)" "$app_url" append.sql
+cat "$work/floor.md" >&2
+
 # --- Nchan --------------------------------------------------------------------------------------
 mkdir -p "$work/nchan/logs"
 sed "s#PEERS/nchan#$work/nchan#" "$nchan_conf" >"$work/nchan/nginx.conf"
@@ -92,6 +126,7 @@ run() { # target scenario args...
   echo "{\"target\":\"$target\",\"scenario\":\"$scenario\",\"result\":$out}" >>"$work/results.jsonl"
   sleep 3 # let the closed connections drain before the next scenario
 }
+: >"$work/results.jsonl"
 wanted() { [[ " $scenarios " == *" $1 "* ]]; }
 for target in $targets; do
   if wanted idle; then run "$target" idle --topics 100 --rate 0 --seconds 0; fi
@@ -124,6 +159,8 @@ PY
 )
 echo
 echo "$table"
+echo
+cat "$work/floor.md"
 
 if ((write)); then
   section=$work/section.md
@@ -137,6 +174,10 @@ if ((write)); then
     echo "- Nchan: $(nginx -v 2>&1 | sed 's/.*: //'), Debian libnginx-mod-nchan, configuration from the peers folder (2 workers, in-memory buffer)"
     echo
     echo "$table"
+    echo
+    echo "PostgreSQL alone on the same machine in the same run, at topics-10k's publish pace: what one publish's commit costs before HTTP and fan-out."
+    echo
+    cat "$work/floor.md"
   } >"$section"
   record_section sse-bench "$section"
 fi
