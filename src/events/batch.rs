@@ -2,11 +2,13 @@
 //!
 //! A tenant's appends are serialised on its head row until they commit (migration 000003), so one
 //! transaction per published event caps a tenant at one commit round trip per event. Instead,
-//! each tenant has a queue. A publish that finds it idle leads: in its own task it takes the
-//! queue's first batch (its event, and any that joined meanwhile) and commits it; events that
-//! arrive while a batch commits wait for the next one, which a drain task appends with one
-//! statement and one commit. Each caller is answered only after its event is durable; under
-//! light load a batch is one event committed by its own request, with no other task involved.
+//! each tenant has a queue. A publish that finds it idle leads: it takes the queue's first batch
+//! (its event, and any that joined meanwhile) and commits it (itself when its event is alone in
+//! the batch, otherwise through a drain task); events that arrive while a batch commits wait for
+//! the next one, which a drain task appends with one statement and one commit. Each caller is answered only after its event is durable; under
+//! light load a batch is one event committed by its own request, with no other task involved. A
+//! batch holding other callers' events is always committed by a task no request can cancel, so
+//! a caller is never told its event failed when it may have committed.
 //!
 //! Batches are capped ([`MAX_BATCH`]), and so is what a tenant may have waiting ([`MAX_WAITING`]:
 //! beyond it, 503). An event whose caller has gone before its batch starts is dropped, never
@@ -185,18 +187,31 @@ impl EventBus {
     ) -> Result<Event, PublishError> {
         let (lead, answer) = self.batcher.push(tenant, event_type, data)?;
         if lead {
-            // The tenant's queue was idle: this request commits the first batch (its own event
-            // and any that joined meanwhile) in its own task, so a publish on a quiet tenant
-            // involves no other task; whatever arrives meanwhile goes to a drain task.
+            // The tenant's queue was idle: this request leads. Its own event is first in the
+            // batch; when it is alone there, the request commits it in its own task, so a
+            // publish on a quiet tenant involves no other task. A batch that also holds other
+            // callers' events is committed by a drain task instead: if this request were
+            // cancelled mid-commit (its client gone), those callers would be told it failed
+            // although it may have committed, and a retry would append their events twice.
             let mut guard = DrainGuard::new(self.clone(), tenant);
-            if let Some(batch) = self.batcher.next_batch(tenant) {
-                self.commit_batch(tenant, batch).await;
-            }
-            if self.batcher.more_waiting(tenant) {
-                let bus = self.clone();
-                tokio::spawn(async move { bus.drain(guard).await });
-            } else {
-                guard.finished = true;
+            match self.batcher.next_batch(tenant) {
+                Some(batch) if batch.len() == 1 => {
+                    self.commit_batch(tenant, batch).await;
+                    if self.batcher.more_waiting(tenant) {
+                        let bus = self.clone();
+                        tokio::spawn(async move { bus.drain(guard).await });
+                    } else {
+                        guard.finished = true;
+                    }
+                }
+                Some(batch) => {
+                    let bus = self.clone();
+                    tokio::spawn(async move {
+                        bus.commit_batch(tenant, batch).await;
+                        bus.drain(guard).await;
+                    });
+                }
+                None => guard.finished = true,
             }
         }
         answer.await.unwrap_or_else(|_| {

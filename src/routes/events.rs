@@ -20,7 +20,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
@@ -231,7 +231,13 @@ pub async fn stream(
         Some(last) => (last, None),
     };
     let begin = Begin {
-        announced: scanned,
+        // Before a reset, the first frame repeats the client's own id: a client that drops
+        // between the two frames comes back with it and gets the reset again, rather than
+        // resuming at the head without ever hearing that it missed events.
+        announced: match (&reset, last_id) {
+            (Some(_), Some(last)) => last,
+            _ => scanned,
+        },
         scanned,
         replay: match (last_id, &reset) {
             (Some(_), None) => Replay::Log,
@@ -400,14 +406,18 @@ fn follow(
                 }
             }
         }
-        // Streams end when the listener stops accepting (after the readiness delay), with a
-        // final retry hint so clients come back through the load balancer to another replica.
+        // Streams open when shutdown begins end when the listener stops accepting (after the
+        // readiness delay, once the load balancer has taken the instance out), with a final
+        // retry hint so clients come back through it to another replica. A stream opened during
+        // the delay ends as soon as its replay is out, so no stream outlives the listener.
         let stop = {
             let shutdown = state.shutdown.clone();
-            let delay = state.config.shutdown.readiness_delay;
+            let delay = (!shutdown.is_cancelled()).then_some(state.config.shutdown.readiness_delay);
             async move {
                 shutdown.cancelled().await;
-                tokio::time::sleep(delay).await;
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
+                }
             }
         };
         tokio::pin!(stop);
@@ -443,7 +453,7 @@ fn follow(
                         }
                         Ok(CatchUp::Pruned { earliest }) => {
                             // Retention overtook this reader: say so, and go on from what is kept.
-                            let data = reset_data(scanned, Some(earliest), upto, "events after this id were pruned during replay");
+                            let data = reset_data(scanned, Some(earliest), earliest - 1, "events after this id were pruned during replay");
                             yield Ok(reset_frame(earliest - 1, &data));
                             scanned = earliest - 1;
                         }
@@ -453,6 +463,13 @@ fn follow(
                             yield Ok(retry_frame());
                             break 'stream;
                         }
+                    }
+                    if scanned < upto && (&mut stop).now_or_never().is_some() {
+                        // Shutting down mid-replay: the client resumes after the last frame it
+                        // received, on another replica.
+                        open.reason = "shutdown";
+                        yield Ok(retry_frame());
+                        break 'stream;
                     }
                 }
             }
@@ -526,14 +543,19 @@ async fn catch_up_page(
     upto: i64,
 ) -> Result<CatchUp, crate::db::DbError> {
     let mut tx = scope::begin(state.db.primary(), tenant).await?;
-    if let Some(earliest) = events::earliest(&mut tx, tenant).await?
-        && earliest > after + 1
-    {
-        scope::end_read(tx);
-        return Ok(CatchUp::Pruned { earliest });
-    }
+    // The page first, then the oldest retained position: retention deletes each tenant's oldest
+    // events first (migration 000015), so if nothing right after `after` is gone once the page
+    // has been read, nothing the page should hold was gone while it was read. (The other order,
+    // under READ COMMITTED, could miss events pruned between the two statements.)
     let page = events::page(&mut tx, tenant, after, upto, filter, PAGE).await?;
+    let earliest = events::earliest(&mut tx, tenant).await?;
     scope::end_read(tx);
+    match earliest {
+        Some(earliest) if earliest > after + 1 => return Ok(CatchUp::Pruned { earliest }),
+        // Every event of the tenant is gone: those up to `upto` were pruned during the replay.
+        None if upto > after => return Ok(CatchUp::Pruned { earliest: upto + 1 }),
+        _ => {}
+    }
     let reached = match page.last() {
         Some(last) if page.len() as i64 == PAGE => last.id,
         _ => upto,

@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 use crate::helpers::{
-    DbProxy, Options, SseClient, TestApp, eventually, expect_json, expect_problem,
+    DbProxy, Options, SseClient, TestApp, eventually, expect_json, expect_problem, superuser_url,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -401,11 +401,21 @@ async fn an_id_beyond_recovery_starts_with_reset() {
     assert_eq!(pruned, 4);
     publish(&app, &t.operator, "new", 5).await;
 
-    for last in [1, 99] {
+    for (last, head) in [(1, 5), (99, 6)] {
         let mut stream = SseClient::open(&app, "", &t.viewer, Some(last)).await;
-        let reset = stream.event(WAIT).await.unwrap();
+        // The first frame repeats the client's id, so a drop before the reset brings the client
+        // back with it (and the reset again), never to the head without the reset.
+        let first = stream.frame(WAIT).await.unwrap();
+        assert_eq!((first.position(), first.retry), (last, Some(1000)));
+        let reset = stream.frame(WAIT).await.unwrap();
         assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
         assert_eq!(reset.json()["last_event_id"], last);
+        assert_eq!(reset.json()["resumes_after"], head);
+        assert_eq!(
+            reset.position(),
+            head,
+            "the reset's id is where the stream goes on"
+        );
         publish(&app, &t.operator, "after", last).await;
         let next = stream.event(WAIT).await.unwrap();
         assert_eq!(
@@ -417,6 +427,75 @@ async fn an_id_beyond_recovery_starts_with_reset() {
     // An id inside the retained range replays normally.
     let mut stream = SseClient::open(&app, "", &t.viewer, Some(4)).await;
     assert_eq!(stream.event(WAIT).await.unwrap().position(), 5);
+}
+
+#[tokio::test]
+async fn retention_deletes_a_prefix_of_each_tenants_log_even_among_events_appended_together() {
+    let app = TestApp::spawn().await;
+    let t = app.tenant("acme").await;
+    // Five events with one occurred_at (as one append gives them), stored last position first:
+    // the order of the table and of the occurred_at index's equal keys is the reverse of the log's.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&superuser_url(&app.db_name))
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into events (tenant_id, position, type, data, occurred_at) \
+         select $1::uuid, p, 'a', '{}', now() - interval '1 day' \
+         from generate_series(5, 1, -1) p",
+    )
+    .bind(&t.id)
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let pruned: i32 = sqlx::query_scalar("select prune_events(now() + interval '1 minute', 3)")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 3);
+    let left: Vec<i64> = sqlx::query_scalar(
+        "select position from events where tenant_id = $1::uuid order by position",
+    )
+    .bind(&t.id)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        left,
+        [4, 5],
+        "the oldest positions go first, with no hole left behind"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_opened_while_the_server_drains_ends_at_once_and_older_ones_at_the_listeners_close()
+ {
+    let mut app =
+        TestApp::spawn_with(Options::default().env("SHUTDOWN_READINESS_DELAY", "3s")).await;
+    let t = app.tenant("acme").await;
+    let mut early = SseClient::open(&app, "", &t.viewer, None).await;
+    early.frame(WAIT).await.unwrap();
+    // Shutdown begins; the listener still accepts until the readiness delay has passed.
+    app.shutdown.cancel();
+    let mut late = SseClient::open(&app, "", &t.viewer, Some(0)).await;
+    let first = late.frame(WAIT).await.unwrap();
+    assert_eq!(first.position(), 0);
+    let last = late.frame(WAIT).await.expect("a final frame");
+    assert_eq!(last.retry, Some(1000), "{last:?}");
+    assert!(
+        late.frame(WAIT).await.is_none(),
+        "then the late stream ends"
+    );
+    // The stream open before shutdown is still open: it ends when the listener closes.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), early.frame(WAIT))
+            .await
+            .is_err(),
+        "the early stream ended before the readiness delay"
+    );
+    let last = early.frame(WAIT).await.expect("a final frame");
+    assert_eq!(last.retry, Some(1000));
+    assert!(early.frame(WAIT).await.is_none());
+    app.stop().await.unwrap();
 }
 
 #[tokio::test]
