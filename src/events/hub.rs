@@ -282,6 +282,10 @@ impl Hub {
     }
 
     fn spawn_fill(self: &Arc<Self>, tenant: TenantId, from: i64, to: i64) {
+        // A fill holds what it reads in memory, so it reads at most a ring's worth: the last
+        // `capacity` positions. Before them the feed skips, and each stream that wanted those
+        // events pages through the log itself.
+        let from = from.max(to.saturating_sub(self.capacity as i64) + 1);
         let hub = self.clone();
         tokio::spawn(async move {
             metrics::counter!("event_bus_gap_fills_total").increment(1);
@@ -293,6 +297,11 @@ impl Hub {
             feed.filling = false;
             match result {
                 Ok(events) => {
+                    if let Some(next) = feed.next
+                        && next < from
+                    {
+                        feed.skip_to(from);
+                    }
                     for live in events {
                         if Some(live.position) == feed.next {
                             feed.send(live);

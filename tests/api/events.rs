@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::helpers::{
     DbProxy, Options, SseClient, TestApp, eventually, expect_json, expect_problem, superuser_url,
@@ -337,6 +337,35 @@ async fn a_stalled_consumer_neither_blocks_others_nor_loses_events() {
         }
     }
     assert_eq!(seen, (1..=N).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_gap_longer_than_the_buffer_is_read_from_the_log_by_each_stream_without_loss() {
+    // The hub fills a gap it finds by its head poll with at most a ring's worth (16 here) of
+    // events; a stream that misses the rest reads them from the log itself, page by page.
+    let app = TestApp::spawn_with(Options::default().env("SSE_BUFFER", "16")).await;
+    let t = app.tenant("acme").await;
+    let mut stream = SseClient::open(&app, "", &t.viewer, None).await;
+    stream.frame(WAIT).await.unwrap();
+    const N: i64 = 700;
+    let types = vec!["direct"; N as usize];
+    let data: Vec<Value> = (1..=N).map(|n| json!({ "n": n })).collect();
+    // Straight to the log, past this process's bus: only the head poll can find them.
+    sqlx::query("select * from append_events($1::uuid, $2, $3)")
+        .bind(&t.id)
+        .bind(&types)
+        .bind(&data)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let seen = stream.events(N as usize, WAIT).await;
+    assert_eq!(positions(&seen), (1..=N).collect::<Vec<_>>());
+    assert!(
+        metric(&app, "sse_catchups_total{reason=\"gap\"}").await >= 1.0,
+        "the stream read the skipped events from the log"
+    );
+    let next = publish(&app, &t.operator, "live", 0).await;
+    assert_eq!(stream.event(WAIT).await.unwrap().position(), next);
 }
 
 #[tokio::test]
