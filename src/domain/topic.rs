@@ -34,9 +34,12 @@ impl TopicFilter {
             return Err(ParseError::new("topics", "at most 50 patterns"));
         }
         let mut filter = Self::default();
+        let mut everything = false;
         for pattern in patterns {
             if pattern == "*" {
-                return Ok(Self::all());
+                // Every other pattern is still checked: a typo beside `*` is an error too.
+                everything = true;
+                continue;
             }
             let invalid = |_| {
                 ParseError::new(
@@ -57,7 +60,7 @@ impl TopicFilter {
                 ),
             }
         }
-        Ok(filter)
+        Ok(if everything { Self::all() } else { filter })
     }
 
     pub fn matches(&self, event_type: &str) -> bool {
@@ -127,6 +130,8 @@ mod tests {
             ".*",
             "a,,b",
             "a b",
+            "*,Bad",
+            "a.*,*,b..c",
             many.as_str(),
         ] {
             assert!(TopicFilter::parse(Some(bad)).is_err(), "{bad}");
