@@ -496,33 +496,61 @@ async fn retention_deletes_a_prefix_of_each_tenants_log_even_among_events_append
 }
 
 #[tokio::test]
-async fn a_stream_opened_while_the_server_drains_ends_at_once_and_older_ones_at_the_listeners_close()
+async fn a_stream_opened_while_the_server_drains_ends_after_one_replay_page_and_older_ones_at_the_listeners_close()
  {
-    let mut app =
-        TestApp::spawn_with(Options::default().env("SHUTDOWN_READINESS_DELAY", "3s")).await;
+    const DELAY: Duration = Duration::from_secs(8);
+    let mut app = TestApp::spawn_with(
+        Options::default()
+            .env("SHUTDOWN_READINESS_DELAY", "8s")
+            // A small window: the late stream's replay comes from the log, in pages of 500.
+            .env("SSE_BUFFER", "16"),
+    )
+    .await;
     let t = app.tenant("acme").await;
+    const N: usize = 600;
+    let types = vec!["bulk"; N];
+    let data: Vec<Value> = (1..=N).map(|n| json!({ "n": n })).collect();
+    sqlx::query("select * from append_events($1::uuid, $2, $3)")
+        .bind(&t.id)
+        .bind(&types)
+        .bind(&data)
+        .execute(&app.pool)
+        .await
+        .unwrap();
     let mut early = SseClient::open(&app, "", &t.viewer, None).await;
     early.frame(WAIT).await.unwrap();
     // Shutdown begins; the listener still accepts until the readiness delay has passed.
+    let began = tokio::time::Instant::now();
     app.shutdown.cancel();
     let mut late = SseClient::open(&app, "", &t.viewer, Some(0)).await;
-    let first = late.frame(WAIT).await.unwrap();
-    assert_eq!(first.position(), 0);
-    let last = late.frame(WAIT).await.expect("a final frame");
-    assert_eq!(last.retry, Some(1000), "{last:?}");
+    let mut replayed = Vec::new();
+    let last = loop {
+        let frame = late.frame(WAIT).await.expect("a final frame");
+        if frame.event.is_some() {
+            replayed.push(frame.position());
+        } else if frame.retry.is_some() && frame.id.is_none() {
+            break frame;
+        }
+    };
+    assert_eq!(last.retry, Some(1000));
     assert!(
         late.frame(WAIT).await.is_none(),
         "then the late stream ends"
     );
-    // The stream open before shutdown is still open: it ends when the listener closes.
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), early.frame(WAIT))
-            .await
-            .is_err(),
+        began.elapsed() < DELAY,
+        "the late stream ended only after {:?}",
+        began.elapsed()
+    );
+    // One page of the log, then the hint: the client resumes after 500 on another replica.
+    assert_eq!(replayed, (1..=500).collect::<Vec<i64>>());
+    // The stream open before shutdown ends when the listener closes, after the delay.
+    let last = early.frame(DELAY + WAIT).await.expect("a final frame");
+    assert_eq!(last.retry, Some(1000));
+    assert!(
+        began.elapsed() >= DELAY,
         "the early stream ended before the readiness delay"
     );
-    let last = early.frame(WAIT).await.expect("a final frame");
-    assert_eq!(last.retry, Some(1000));
     assert!(early.frame(WAIT).await.is_none());
     app.stop().await.unwrap();
 }
