@@ -348,16 +348,8 @@ async fn a_gap_longer_than_the_buffer_is_read_from_the_log_by_each_stream_withou
     let mut stream = SseClient::open(&app, "", &t.viewer, None).await;
     stream.frame(WAIT).await.unwrap();
     const N: i64 = 700;
-    let types = vec!["direct"; N as usize];
-    let data: Vec<Value> = (1..=N).map(|n| json!({ "n": n })).collect();
     // Straight to the log, past this process's bus: only the head poll can find them.
-    sqlx::query("select * from append_events($1::uuid, $2, $3)")
-        .bind(&t.id)
-        .bind(&types)
-        .bind(&data)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    append_past_the_bus(&app, &t.id, "direct", N as usize).await;
     let seen = stream.events(N as usize, WAIT).await;
     assert_eq!(positions(&seen), (1..=N).collect::<Vec<_>>());
     assert!(
@@ -507,16 +499,7 @@ async fn a_stream_opened_while_the_server_drains_ends_after_one_replay_page_and_
     )
     .await;
     let t = app.tenant("acme").await;
-    const N: usize = 600;
-    let types = vec!["bulk"; N];
-    let data: Vec<Value> = (1..=N).map(|n| json!({ "n": n })).collect();
-    sqlx::query("select * from append_events($1::uuid, $2, $3)")
-        .bind(&t.id)
-        .bind(&types)
-        .bind(&data)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    append_past_the_bus(&app, &t.id, "bulk", 600).await;
     let mut early = SseClient::open(&app, "", &t.viewer, None).await;
     early.frame(WAIT).await.unwrap();
     // Shutdown begins; the listener still accepts until the readiness delay has passed.
@@ -665,6 +648,20 @@ async fn publishing_validates_type_size_and_role_and_history_pages() {
         "invalid_cursor",
     )
     .await;
+}
+
+/// Appends `n` events of one type (data `{"n": 1..=n}`) in one statement, as the app role but not
+/// through the server: no process hands them to its hub.
+async fn append_past_the_bus(app: &TestApp, tenant_id: &str, event_type: &str, n: usize) {
+    let types = vec![event_type; n];
+    let data: Vec<Value> = (1..=n).map(|n| json!({ "n": n })).collect();
+    sqlx::query("select * from append_events($1::uuid, $2, $3)")
+        .bind(tenant_id)
+        .bind(&types)
+        .bind(&data)
+        .execute(&app.pool)
+        .await
+        .unwrap();
 }
 
 pub async fn metric(app: &TestApp, name: &str) -> f64 {
