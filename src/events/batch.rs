@@ -5,10 +5,11 @@
 //! each tenant has a queue. A publish that finds it idle leads: it takes the queue's first batch
 //! (its event, and any that joined meanwhile) and commits it (itself when its event is alone in
 //! the batch, otherwise through a drain task); events that arrive while a batch commits wait for
-//! the next one, which a drain task appends with one statement and one commit. Each caller is answered only after its event is durable; under
-//! light load a batch is one event committed by its own request, with no other task involved. A
-//! batch holding other callers' events is always committed by a task no request can cancel, so
-//! a caller is never told its event failed when it may have committed.
+//! the next one, which a drain task appends with one statement and one commit. Each caller is
+//! answered only after its event is durable; under light load a batch is one event committed by
+//! its own request, with no other task involved. A batch holding other callers' events is always
+//! committed by a task no request can cancel, so a caller is never told its event failed when it
+//! may have committed.
 //!
 //! Batches are capped ([`MAX_BATCH`]), and so is what a tenant may have waiting ([`MAX_WAITING`]:
 //! beyond it, 503). An event whose caller has gone before its batch starts is dropped, never

@@ -411,7 +411,8 @@ fn follow(
         // Streams open when shutdown begins end when the listener stops accepting (after the
         // readiness delay, once the load balancer has taken the instance out), with a final
         // retry hint so clients come back through it to another replica. A stream opened during
-        // the delay ends as soon as its replay is out, so no stream outlives the listener.
+        // the delay ends once its replay is out (one page at most from the log), so no stream
+        // outlives the listener.
         let stop = {
             let shutdown = state.shutdown.clone();
             async move {
