@@ -555,11 +555,10 @@ async fn catch_up_page(
     let page = events::page(&mut tx, tenant, after, upto, filter, PAGE).await?;
     let earliest = events::earliest(&mut tx, tenant).await?;
     scope::end_read(tx);
-    match earliest {
-        Some(oldest) if oldest > after + 1 => return Ok(CatchUp::Pruned { earliest }),
-        // Every event of the tenant is gone: those up to `upto` were pruned during the replay.
-        None if upto > after => return Ok(CatchUp::Pruned { earliest }),
-        _ => {}
+    // Called only with `after < upto`: positions up to `upto` were committed, so no event left at
+    // all means they were pruned too.
+    if earliest.is_none_or(|e| e > after + 1) {
+        return Ok(CatchUp::Pruned { earliest });
     }
     let reached = match page.last() {
         Some(last) if page.len() as i64 == PAGE => last.id,
